@@ -1,0 +1,39 @@
+# largebatch: `make demo` trains and evaluates a detector on the embedded dataset; `make test` runs the tests.
+# Everything is installed into a project-local .venv on first use. To use your own environment (for example
+# one with an official detectron2 build), pass it: make demo PYTHON=/path/to/python
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+NUM_WORKERS ?= 2
+DEMO_CONFIG ?= configs/shapes/demo.yaml
+DEMO_DIR ?= output/demo
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test bench study clean
+setup: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP),setup-external)
+
+$(STAMP): tools/setup_env.sh setup.py
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	bash tools/setup_env.sh $(VENV)/bin/python
+	touch $@
+
+.PHONY: setup-external
+setup-external:
+	bash tools/setup_env.sh $(PYTHON)
+
+demo: setup
+	$(PYTHON) train_net.py --num-gpus $(NUM_WORKERS) --dist-url auto --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_DIR)
+	$(PYTHON) tools/plot_metrics.py $(DEMO_DIR)
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) bench/optim_step.py
+	$(PYTHON) bench/agvm_overhead.py
+	$(PYTHON) bench/monitor_overhead.py
+
+study: setup
+	$(PYTHON) bench/large_batch_study.py
+
+clean:
+	rm -rf output

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Optimizer step time on the parameter shapes of Faster R-CNN R50-FPN (189 tensors, 41.75M parameters:
+the trainable params with BN in the backbone and FREEZE_AT=0, as LargeDet trains it with SyncBN).
+
+Side by side in one process: torch SGD(momentum 0.9) and AdamW (foreach, and fused where the build has it)
+against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the per-tensor loop for reference).
+Rounds are interleaved (round-robin over the optimizers) after a warm-up, and the table shows medians over
+rounds of the mean step time within a round, with ratios: LARS vs torch SGD (foreach), LAMB and PMD-LAMB vs
+torch AdamW (foreach). Every optimizer has its own copy of the params; the gradients are shared (no optimizer
+here writes to them).
+
+    python bench/optim_step.py --device cpu --steps 5 --rounds 7
+    python bench/optim_step.py --device cuda --steps 50 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
+
+from largebatch.optim.lamb import LAMB, PMDLAMB  # noqa: E402
+from largebatch.optim.lars import LARS  # noqa: E402
+
+
+def r50_fpn_shapes_hardcoded():
+    """Trainable param shapes of detectron2's Faster R-CNN R50-FPN (BN, FREEZE_AT=0, 80 classes)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]  # stem conv + norm
+    in_ch = 64
+    for n_blocks, bottleneck, out_ch in ((3, 64, 256), (4, 128, 512), (6, 256, 1024), (3, 512, 2048)):
+        for b in range(n_blocks):
+            if b == 0:
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]  # shortcut
+            shapes += [(bottleneck, in_ch if b == 0 else out_ch, 1, 1), (bottleneck,), (bottleneck,)]
+            shapes += [(bottleneck, bottleneck, 3, 3), (bottleneck,), (bottleneck,)]
+            shapes += [(out_ch, bottleneck, 1, 1), (out_ch,), (out_ch,)]
+        in_ch = out_ch
+    for c in (256, 512, 1024, 2048):  # FPN lateral + output convs (with bias)
+        shapes += [(256, c, 1, 1), (256,), (256, 256, 3, 3), (256,)]
+    shapes += [(256, 256, 3, 3), (256,), (3, 256, 1, 1), (3,), (12, 256, 1, 1), (12,)]  # RPN head
+    shapes += [(1024, 256 * 7 * 7), (1024,), (1024, 1024), (1024,), (81, 1024), (81,), (320, 1024), (320,)]
+    return shapes
+
+
+def r50_fpn_shapes_detectron2():
+    import logging
+
+    logging.disable(logging.WARNING)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()  # the default is R50-C4: switch every key that makes it R50-FPN
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    model = build_model(cfg)
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+
+
+def get_shapes(source: str):
+    if source in ("auto", "detectron2"):
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return r50_fpn_shapes_detectron2(), "detectron2 build_model"
+        except ImportError:
+            if source == "detectron2":
+                raise
+    return r50_fpn_shapes_hardcoded(), "hard-coded list"
+
+
+def make_params(shapes, grads, device, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape, grad in zip(shapes, grads):
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
+        p.grad = grad
+        params.append(p)
+    return params
+
+
+def split_groups(params):
+    """Weights adapt; 1-D tensors (biases, norms) do not and have no weight decay (the same groups for the
+    torch baselines, which ignore "adapt")."""
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "adapt": False, "weight_decay": 0.0},
+    ]
+
+
+def candidates(args):
+    """(name, kind, factory(params) -> optimizer); kind marks the baseline each row is compared with."""
+    lr = 1e-3
+    c = [
+        ("torch SGD foreach", "sgd", lambda ps: torch.optim.SGD(split_groups(ps), lr=lr, momentum=0.9, weight_decay=1e-4, foreach=True)),
+        ("torch AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
+        ("torch SGD fused", "sgd", lambda ps: torch.optim.SGD(split_groups(ps), lr=lr, momentum=0.9, weight_decay=1e-4, fused=True)),
+        ("torch AdamW fused", "adamw", lambda ps: torch.optim.AdamW(split_groups(ps), lr=lr, weight_decay=1e-4, fused=True)),
+        ("LARS foreach", "sgd", lambda ps: LARS(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
+        ("LAMB foreach", "adamw", lambda ps: LAMB(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
+        ("PMD-LAMB foreach", "adamw", lambda ps: PMDLAMB(split_groups(ps), lr=lr, foreach=True)),
+    ]
+    if not args.no_single:
+        c += [
+            ("LARS per-tensor", "sgd", lambda ps: LARS(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=False)),
+            ("LAMB per-tensor", "adamw", lambda ps: LAMB(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=False)),
+            ("PMD-LAMB per-tensor", "adamw", lambda ps: PMDLAMB(split_groups(ps), lr=lr, foreach=False)),
+        ]
+    if args.only:
+        keep = [s.strip().lower() for s in args.only.split(",")]
+        c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in ("torch SGD foreach", "torch AdamW foreach")]
+    return c
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per optimizer per round")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--shapes", default="auto", choices=["auto", "detectron2", "hardcoded"])
+    ap.add_argument("--only", default="", help="comma-separated substrings of optimizer names to run")
+    ap.add_argument("--no-single", action="store_true", help="skip the per-tensor (foreach=False) rows")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    shapes, source = get_shapes(args.shapes)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    print(f"shapes: {len(shapes)} tensors, {n_params:,} parameters ({n_params / 1e6:.2f}M) from {source}")
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds x {args.steps} steps\n")
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    grads = [(torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype) for s in shapes]
+
+    runs = []
+    for seed, (name, kind, factory) in enumerate(candidates(args)):
+        params = make_params(shapes, grads, device, dtype, seed + 1)
+        try:
+            opt = factory(params)
+            for _ in range(args.warmup):
+                opt.step()
+            sync()
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. fused not built for this device/dtype
+            print(f"skip {name}: {str(e).splitlines()[0]}")
+            continue
+        runs.append({"name": name, "kind": kind, "opt": opt, "times": []})
+
+    for _ in range(args.rounds):
+        for r in runs:  # round-robin: every optimizer sees the same machine conditions
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                r["opt"].step()
+            sync()
+            r["times"].append((time.perf_counter() - t0) / args.steps * 1e3)
+
+    med = {r["name"]: statistics.median(r["times"]) for r in runs}
+    base = {"sgd": med.get("torch SGD foreach"), "adamw": med.get("torch AdamW foreach")}
+    base_name = {"sgd": "torch SGD foreach", "adamw": "torch AdamW foreach"}
+    print("| optimizer | median ms/step | min ms | ratio | vs |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for r in runs:
+        b = base[r["kind"]]
+        ratio = f"{med[r['name']] / b:.2f}x" if b else "-"
+        print(f"| {r['name']} | {med[r['name']]:.1f} | {min(r['times']):.1f} | {ratio} | {base_name[r['kind']]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The config keys of largebatch, each documented where it is added, and their validation.
+
+``add_largebatch_config(cfg)`` adds every key the project reads; ``validate(cfg)`` checks the values before
+anything is built, so a bad value fails at once with one line naming the key, the value and what is allowed.
+"""
+from detectron2.config import CfgNode as CN
+
+OPTIMIZERS = ("SGD", "ADAMW", "LARS", "LAMB", "PMDLAMB")
+ADAM_FAMILY = ("ADAMW", "LAMB", "PMDLAMB")
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
+LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
+SCHEDULE_UNITS = ("iter", "epoch")
+DETECTOR_PARTS = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
+
+
+class ConfigError(ValueError):
+    """A config key holds a value that is not allowed: the message is one line naming key, value and choices."""
+
+
+def add_largebatch_config(cfg):
+    """Add largebatch's keys (with their defaults) to a detectron2 config, in place."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Optimizers (largebatch/optim). SOLVER.BASE_LR, MOMENTUM, WEIGHT_DECAY, WEIGHT_DECAY_NORM and
+    # WEIGHT_DECAY_BIAS keep detectron2's meaning for every optimizer.
+    # ---------------------------------------------------------------------------------------------------------
+    # One of SGD, ADAMW, LARS, LAMB, PMDLAMB (case-insensitive).
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # Use the multi-tensor (torch._foreach_*) step; False selects the readable per-tensor reference loop.
+    _C.SOLVER.FOREACH = True
+    # Apply the layer-wise trust ratio (LARS/LAMB/PMD-LAMB) to biases / norm-layer parameters. The papers
+    # exclude them (ratio 1.0), as do most implementations; this is separate from their weight decay.
+    _C.SOLVER.ADAPT_BIAS = False
+    _C.SOLVER.ADAPT_NORM = False
+
+    _C.SOLVER.ADAMW = CN()
+    # torch.optim.AdamW's (beta1, beta2) and eps (its defaults).
+    _C.SOLVER.ADAMW.BETAS = (0.9, 0.999)
+    _C.SOLVER.ADAMW.EPS = 1e-8
+
+    _C.SOLVER.LARS = CN()
+    # eta in You et al. 2017 eq. 6: local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps).
+    _C.SOLVER.LARS.TRUST_COEFFICIENT = 0.001
+    # Added to the denominator of the local LR; 0 as in the paper (zero norms give a ratio of 1 anyway).
+    _C.SOLVER.LARS.EPS = 0.0
+    # Upper bound of the local LR; 0 disables the cap.
+    _C.SOLVER.LARS.TRUST_CLIP = 0.0
+
+    _C.SOLVER.LAMB = CN()
+    # (beta1, beta2) and eps of You et al. 2020, Algorithm 2.
+    _C.SOLVER.LAMB.BETAS = (0.9, 0.999)
+    _C.SOLVER.LAMB.EPS = 1e-6
+    # Adam's bias correction of m and v (Algorithm 2 has it; some BERT recipes turn it off).
+    _C.SOLVER.LAMB.BIAS_CORRECTION = True
+    # Upper bound of the trust ratio ||w|| / ||u||; 0 disables the cap.
+    _C.SOLVER.LAMB.TRUST_CLIP = 0.0
+
+    _C.SOLVER.PMDLAMB = CN()
+    # LargeDet Algorithm 1: beta1 = 0.9, beta2 = 0.999, eps, T = 200 (cycle of the moments decay, eq. 3)
+    # and alpha = 0.012 (the scale multiplied into every update). Set SOLVER.WEIGHT_DECAY 5e-4 as the paper.
+    _C.SOLVER.PMDLAMB.BETAS = (0.9, 0.999)
+    _C.SOLVER.PMDLAMB.EPS = 1e-6
+    _C.SOLVER.PMDLAMB.CYCLE = 200
+    _C.SOLVER.PMDLAMB.SCALE = 0.012
+
+    # ---------------------------------------------------------------------------------------------------------
+    # AGVM (Xue et al. 2022): per-module LR multipliers from the gradient variance of the detector's parts.
+    # ---------------------------------------------------------------------------------------------------------
+    _C.SOLVER.AGVM = CN()
+    # Wrap the optimizer chosen by SOLVER.OPTIMIZER (any of them) in AGVM.
+    _C.SOLVER.AGVM.ENABLED = False
+    # The module whose LR is left as it is (eq. 4; the paper's Table 7 picks the backbone).
+    _C.SOLVER.AGVM.ANCHOR = "backbone"
+    # alpha of the moving average of mu (eq. 5).
+    _C.SOLVER.AGVM.MOMENTUM = 0.97
+    # tau: measure the gradient variance and update mu every this many iterations (5 above batch 1K).
+    _C.SOLVER.AGVM.INTERVAL = 10
+    # First iteration at which mu is measured and applied; -1 = at the end of the warm-up.
+    _C.SOLVER.AGVM.START_ITER = -1
+    # Bounds of Phi_anchor / Phi_i before the square root (the official code's 0.5 and 10).
+    _C.SOLVER.AGVM.CLAMP = (0.5, 10.0)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # LR schedules (largebatch/schedule.py); SOLVER.LR_SCHEDULER_NAME is one of WarmupMultiStepLR,
+    # WarmupCosineLR, WarmupCosineRestartsLR. Warm-up: detectron2's WARMUP_FACTOR/WARMUP_ITERS/WARMUP_METHOD.
+    # ---------------------------------------------------------------------------------------------------------
+    # The LR that cosine schedules end at (detectron2 0.6 lacks this key; main has it).
+    if "BASE_LR_END" not in _C.SOLVER:
+        _C.SOLVER.BASE_LR_END = 0.0
+    _C.SOLVER.RESTARTS = CN()
+    # SGDR (Loshchilov & Hutter): length of the first cosine cycle after warm-up, in SCHEDULE_UNITs.
+    _C.SOLVER.RESTARTS.CYCLE_ITERS = 2000
+    # Each cycle is this many times longer than the one before (SGDR's T_mult).
+    _C.SOLVER.RESTARTS.CYCLE_MULT = 1.0
+    # The peak LR is multiplied by this at every restart (CoolDet uses 0.5).
+    _C.SOLVER.RESTARTS.GAMMA = 0.5
+
+    _C.SOLVER.LR_SCALING = CN()
+    # How BASE_LR follows the total batch: none, linear (MegDet), sqrt, linear_then_sqrt (AGVM: linear up to
+    # SQRT_ABOVE images, square root beyond). Applied once at set-up and logged.
+    _C.SOLVER.LR_SCALING.RULE = "none"
+    # The total batch (images per optimizer step) that BASE_LR was tuned for.
+    _C.SOLVER.LR_SCALING.REFERENCE_BATCH = 16
+    # linear_then_sqrt: the batch above which the square-root rule takes over.
+    _C.SOLVER.LR_SCALING.SQRT_ABOVE = 128
+
+    # Units of MAX_ITER, STEPS, WARMUP_ITERS, RESTARTS.CYCLE_ITERS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD:
+    # "iter", or "epoch" (converted with the training set size and the total batch, and logged).
+    _C.SOLVER.SCHEDULE_UNIT = "iter"
+    # Stretches all of the above (LargeDet's "1.4x" schedules); applied after the unit conversion.
+    _C.SOLVER.SCHEDULE_MULT = 1.0
+    # One optimizer step from this many micro-batches of IMS_PER_BATCH images (no DDP all-reduce on the
+    # first k-1): the total batch is IMS_PER_BATCH * ACCUMULATE_STEPS.
+    _C.SOLVER.ACCUMULATE_STEPS = 1
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Cross-GPU BatchNorm (MegDet's CGBN, LargeDet's SyncBN), largebatch/norm.py.
+    # ---------------------------------------------------------------------------------------------------------
+    _C.MODEL.SYNC_BN = CN()
+    # Replace BatchNorm2d (and FrozenBatchNorm2d with CONVERT_FROZEN) by NaiveSyncBatchNorm.
+    _C.MODEL.SYNC_BN.ENABLED = False
+    # Statistics are shared within consecutive groups of this many workers; 0 = all workers, 1 = plain BN.
+    # The "BN size" of MegDet is GROUP_SIZE * images per worker.
+    _C.MODEL.SYNC_BN.GROUP_SIZE = 0
+    # NaiveSyncBatchNorm's stats_mode: "" (mean of per-worker statistics) or "N" (weighted by batch size).
+    _C.MODEL.SYNC_BN.STATS_MODE = ""
+    # Also convert FrozenBatchNorm2d into trainable SyncBN starting from its stored statistics (LargeDet G2).
+    _C.MODEL.SYNC_BN.CONVERT_FROZEN = False
+    # Which detector parts to convert (names of MODEL.MODULE_PARTITION's parts); empty = every part.
+    _C.MODEL.SYNC_BN.PARTS = []
+
+    # Extra rules mapping parameter names to detector parts, tried before the built-in ones: a list of
+    # [part, regex] pairs, e.g. [["head", "^roi_heads\\.box_predictor\\."]]; the first match wins.
+    _C.MODEL.MODULE_PARTITION = []
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Monitoring (largebatch/monitor.py, engine/hooks.py).
+    # ---------------------------------------------------------------------------------------------------------
+    _C.MONITOR = CN()
+    # Record trust ratios / gradient variance every PERIOD iterations.
+    _C.MONITOR.ENABLED = True
+    _C.MONITOR.PERIOD = 20
+    # trust_ratio/<part> and local_lr/<part> (mean, min, max); LARS/LAMB/PMD-LAMB report the ratios they
+    # used, SGD/AdamW ||w|| / ||g||.
+    _C.MONITOR.TRUST_RATIO = True
+    # grad_var/<part> = 1 - cos(G1, G2) of the two halves of the workers (of the batch on one worker).
+    _C.MONITOR.GRAD_VARIANCE = True
+    # Append per-layer values to OUTPUT_DIR/layer_stats.jsonl (main process only).
+    _C.MONITOR.PER_LAYER = True
+    # Stop when a part's gradient norm or trust ratio grows more than this factor between two records
+    # (0 disables the jump check; non-finite losses and gradients always stop training).
+    _C.MONITOR.DIVERGENCE_FACTOR = 1e4
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The embedded synthetic dataset (largebatch/data/shapes.py).
+    # ---------------------------------------------------------------------------------------------------------
+    _C.DATASETS.SHAPES_ROOT = ""  # "" = $LARGEBATCH_DATASETS/shapes, else ./datasets/shapes
+    return cfg
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def _choice(cfg_value, key, choices, case_insensitive=False):
+    value = cfg_value.upper() if case_insensitive and isinstance(cfg_value, str) else cfg_value
+    if value not in choices:
+        _fail(key, cfg_value, "expected one of " + ", ".join(choices))
+    return value
+
+
+def validate(cfg):
+    """Check every value largebatch reads; raise ConfigError (one line) on the first bad one."""
+    s = cfg.SOLVER
+    _choice(s.OPTIMIZER, "SOLVER.OPTIMIZER", OPTIMIZERS, case_insensitive=True)
+    _choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
+    _choice(s.LR_SCALING.RULE, "SOLVER.LR_SCALING.RULE", LR_SCALING_RULES)
+    _choice(s.SCHEDULE_UNIT, "SOLVER.SCHEDULE_UNIT", SCHEDULE_UNITS)
+    _choice(s.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", ("linear", "constant"))
+    _choice(cfg.MODEL.SYNC_BN.STATS_MODE, "MODEL.SYNC_BN.STATS_MODE", ("", "N"))
+    positive = {
+        "SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH,
+        "SOLVER.MAX_ITER": s.MAX_ITER,
+        "SOLVER.ACCUMULATE_STEPS": s.ACCUMULATE_STEPS,
+        "SOLVER.SCHEDULE_MULT": s.SCHEDULE_MULT,
+        "SOLVER.LR_SCALING.REFERENCE_BATCH": s.LR_SCALING.REFERENCE_BATCH,
+        "SOLVER.LR_SCALING.SQRT_ABOVE": s.LR_SCALING.SQRT_ABOVE,
+        "SOLVER.LARS.TRUST_COEFFICIENT": s.LARS.TRUST_COEFFICIENT,
+        "SOLVER.PMDLAMB.CYCLE": s.PMDLAMB.CYCLE,
+        "SOLVER.PMDLAMB.SCALE": s.PMDLAMB.SCALE,
+        "SOLVER.AGVM.INTERVAL": s.AGVM.INTERVAL,
+        "SOLVER.RESTARTS.CYCLE_ITERS": s.RESTARTS.CYCLE_ITERS,
+        "MONITOR.PERIOD": cfg.MONITOR.PERIOD,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            _fail(key, value, "expected a number > 0")
+    non_negative = {
+        "SOLVER.BASE_LR": s.BASE_LR,
+        "SOLVER.BASE_LR_END": s.BASE_LR_END,
+        "SOLVER.WEIGHT_DECAY": s.WEIGHT_DECAY,
+        "SOLVER.MOMENTUM": s.MOMENTUM,
+        "SOLVER.WARMUP_ITERS": s.WARMUP_ITERS,
+        "SOLVER.LARS.EPS": s.LARS.EPS,
+        "SOLVER.LARS.TRUST_CLIP": s.LARS.TRUST_CLIP,
+        "SOLVER.LAMB.TRUST_CLIP": s.LAMB.TRUST_CLIP,
+        "SOLVER.ADAMW.EPS": s.ADAMW.EPS,
+        "SOLVER.LAMB.EPS": s.LAMB.EPS,
+        "SOLVER.PMDLAMB.EPS": s.PMDLAMB.EPS,
+        "SOLVER.RESTARTS.GAMMA": s.RESTARTS.GAMMA,
+        "MODEL.SYNC_BN.GROUP_SIZE": cfg.MODEL.SYNC_BN.GROUP_SIZE,
+        "MONITOR.DIVERGENCE_FACTOR": cfg.MONITOR.DIVERGENCE_FACTOR,
+    }
+    for key, value in non_negative.items():
+        if not value >= 0:
+            _fail(key, value, "expected a number >= 0")
+    for key in ("ADAMW", "LAMB", "PMDLAMB"):
+        betas = s[key].BETAS
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            _fail(f"SOLVER.{key}.BETAS", tuple(betas), "expected two numbers in [0, 1)")
+    if s.RESTARTS.CYCLE_MULT < 1:
+        _fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
+    if not 0 <= s.WARMUP_FACTOR <= 1:
+        _fail("SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "expected a number in [0, 1]")
+    if not 0 <= s.AGVM.MOMENTUM < 1:
+        _fail("SOLVER.AGVM.MOMENTUM", s.AGVM.MOMENTUM, "expected a number in [0, 1)")
+    lo_hi = tuple(s.AGVM.CLAMP)
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        _fail("SOLVER.AGVM.CLAMP", lo_hi, "expected (low, high) with 0 < low <= high")
+    if s.AGVM.START_ITER < -1:
+        _fail("SOLVER.AGVM.START_ITER", s.AGVM.START_ITER, "expected -1 (end of warm-up) or an iteration >= 0")
+    _choice(s.AGVM.ANCHOR, "SOLVER.AGVM.ANCHOR", DETECTOR_PARTS)
+    for part in cfg.MODEL.SYNC_BN.PARTS:
+        _choice(part, "MODEL.SYNC_BN.PARTS", DETECTOR_PARTS)
+    for rule in cfg.MODEL.MODULE_PARTITION:
+        if len(rule) != 2:
+            _fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
+        _choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
+    if list(s.STEPS) != sorted(s.STEPS):
+        _fail("SOLVER.STEPS", tuple(s.STEPS), "expected increasing iterations")
+    return cfg

@@ -1,0 +1,31 @@
+"""Datasets of the largebatch project.
+
+``shapes_train`` / ``shapes_val``: an embedded, deterministic synthetic detection + instance
+segmentation dataset (see :mod:`largebatch.data.shapes`). Call :func:`register_shapes` before building
+a detectron2 data loader on those names.
+
+Names are resolved lazily, so that ``python -m largebatch.data.shapes`` runs without a runpy warning and
+importing this package pulls in neither detectron2 nor the trainer.
+"""
+import importlib
+
+_LAZY = {
+    "register_shapes": "largebatch.data.shapes",
+    "prepare_shapes": "largebatch.data.shapes",
+    "generate_shapes_split": "largebatch.data.shapes",
+    "render_shapes_image": "largebatch.data.shapes",
+    "default_shapes_root": "largebatch.data.shapes",
+    "SHAPES_CLASSES": "largebatch.data.shapes",
+    "SHAPES_SPLITS": "largebatch.data.shapes",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'largebatch.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,60 @@
+"""Config set-up shared by train_net.py, the tools and the tests."""
+import logging
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+
+from ..config import ConfigError, add_largebatch_config, validate
+
+logger = logging.getLogger("largebatch")
+
+
+def load_config(config_file: str, opts=(), num_workers: int = 1):
+    """get_cfg() + largebatch keys + the YAML file + KEY VALUE overrides, validated.
+
+    Raises ConfigError with one line for a missing file, an unknown key or a bad value.
+    """
+    if not config_file:
+        raise ConfigError("--config-file is required: e.g. --config-file configs/shapes/demo.yaml")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file!r}: no such file")
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
+    cfg = add_largebatch_config(get_cfg())
+    for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
+                          ("command line", lambda: cfg.merge_from_list(list(opts)))):
+        try:
+            merge()
+        except KeyError as e:  # yacs: "Non-existent config key: X"
+            raise ConfigError(f"{source}: unknown config key {str(e.args[0]).split(':')[-1].strip()!r}") from None
+        except (ValueError, AssertionError, TypeError) as e:
+            raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # not silent: said in the log and shown in the saved config
+        logger.warning("MODEL.DEVICE=%s but no GPU is available: training on CPU, %d gloo worker(s)",
+                       cfg.MODEL.DEVICE, num_workers)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ConfigError("SOLVER.AMP.ENABLED = True is not allowed on CPU: AMP needs a GPU")
+    validate(cfg)
+    return cfg
+
+
+def register_datasets(cfg):
+    """Register the embedded shapes dataset when the config uses it (generated on first use)."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if any(name.startswith("shapes_") for name in names):
+        from ..data import register_shapes
+
+        register_shapes(cfg.DATASETS.SHAPES_ROOT or None)
+
+
+def setup(args):
+    """The config of a train_net.py run, frozen, with detectron2's default_setup (logs, output dir, seed)."""
+    cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
+    cfg.freeze()
+    default_setup(cfg, args)
+    register_datasets(cfg)
+    return cfg

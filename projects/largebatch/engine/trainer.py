@@ -1,0 +1,298 @@
+"""``LargeBatchTrainer``: detectron2's DefaultTrainer with large-batch optimizers, schedules and SyncBN.
+
+The inner loop is ``LargeBatchStepper`` (a SimpleTrainer): the one place that sees the gradients after the
+backward pass and before the optimizer step. It accumulates micro-batches, measures the per-part gradient
+variance on measurement iterations (for AGVM and the monitor), stops on non-finite losses or gradients,
+and handles AMP itself, so every feature sees unscaled gradients.
+"""
+import logging
+import os
+import tempfile
+import time
+import weakref
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from ..collect_env import detectron2_compiled_ops
+from ..monitor import HalfGroupReducer, ModuleLayout, broadcast_from_main, cosine_variance
+from ..norm import build_sync_bn_from_cfg
+from ..optim import AGVM, build_optimizer
+from ..optim.groups import ModulePartition
+from ..schedule import build_lr_scheduler, prepare_solver
+from .hooks import MonitorHook
+
+logger = logging.getLogger("largebatch")
+
+
+def num_train_images(cfg) -> int:
+    """Images in cfg.DATASETS.TRAIN, as registered (before detectron2 filters images without objects)."""
+    return sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """A DetectionCheckpointer whose files are written under a temporary name and then renamed, so a
+    crash or a stop never leaves a truncated checkpoint (or a `last_checkpoint` naming one)."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
+        _atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+
+def _atomic_write(path: str, write, mode: str) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class LargeBatchStepper(SimpleTrainer):
+    """One optimizer step from ``accumulate_steps`` micro-batches, with the gradient probe of AGVM/monitor.
+
+    Args:
+        model: the (possibly DDP-wrapped) model.
+        data_loader, optimizer: as for SimpleTrainer; ``optimizer`` may be an ``AGVM`` wrapper.
+        accumulate_steps: micro-batches per optimizer step (DDP all-reduces only the last one).
+        variance_period: measure grad_var/<part> every this many iterations (0: only when AGVM needs it).
+        amp: torch.autocast + GradScaler (CUDA only), gradients unscaled before anything reads them.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False):
+        super().__init__(model, data_loader, optimizer)
+        self.accumulate_steps = accumulate_steps
+        self.variance_period = variance_period
+        self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.layout = ModuleLayout(optimizer.param_groups)
+        self.world_size = comm.get_world_size()
+        self.reducer = HalfGroupReducer(self.world_size) if self.world_size > 1 else None
+        self.agvm = optimizer if isinstance(optimizer, AGVM) else None
+        base = self.agvm.optimizer if self.agvm else optimizer
+        self.adam_normalized = "betas" in base.param_groups[0]  # AdamW, LAMB, PMD-LAMB (official AGVM code)
+        self.last_phi: Optional[Dict[str, float]] = None
+        self.grad_norms: Optional[torch.Tensor] = None  # per-parameter gradient norms of this iteration
+
+    def is_measurement_iter(self, iteration: int) -> bool:
+        if self.agvm is not None and self.agvm.is_measurement_iter(iteration):
+            return True
+        return self.variance_period > 0 and iteration % self.variance_period == 0
+
+    def _forward_backward(self, data, scale: float, sync: bool) -> Dict[str, torch.Tensor]:
+        no_sync = isinstance(self.model, DistributedDataParallel) and not sync
+        with self.model.no_sync() if no_sync else nullcontext():
+            with torch.autocast("cuda") if self.grad_scaler is not None else nullcontext():
+                loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values()) * scale
+            (self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses).backward()
+        return {k: v.detach() for k, v in loss_dict.items()}
+
+    def run_step(self):
+        assert self.model.training, "[LargeBatchStepper] model was changed to eval mode!"
+        start = time.perf_counter()
+        batches = [next(self._data_loader_iter) for _ in range(self.accumulate_steps)]
+        data_time = time.perf_counter() - start
+        measure = self.is_measurement_iter(self.iter)
+        k = len(batches)
+        self.optimizer.zero_grad()
+        loss_dicts: List[Dict[str, torch.Tensor]] = []
+        if measure and self.reducer is None:
+            g1, g2 = self._split_batch_halves(batches, loss_dicts)
+        else:
+            for i, data in enumerate(batches):
+                # DDP all-reduces the last micro-batch only, and none on measurement iterations
+                loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
+            g1 = g2 = None
+            if measure:
+                g1, g2 = self.reducer.reduce(self.layout)
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            if g1 is not None:
+                inv_scale = 1.0 / self.grad_scaler.get_scale()
+                g1, g2 = g1 * inv_scale, g2 * inv_scale
+        loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
+        self._check_finite(loss_dict)
+        if measure:
+            self._measure_variance(g1, g2)
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _split_batch_halves(self, batches, loss_dicts):
+        """One worker: G1 / G2 from the two halves of every micro-batch (two backward passes); the step then
+        uses their mean, i.e. what two workers holding one half each would all-reduce."""
+        if any(len(data) < 2 for data in batches):
+            raise ValueError("gradient variance on one worker needs >= 2 images per batch (SOLVER.IMS_PER_BATCH)")
+        halves = []
+        for part in (0, 1):
+            self.optimizer.zero_grad()
+            for data in batches:
+                n = len(data) // 2
+                loss_dicts.append(self._forward_backward(data[:n] if part == 0 else data[n:], 1.0 / len(batches), True))
+            halves.append(self.layout.flat_grads())
+        g1, g2 = halves
+        self.layout.write_grads((g1 + g2) / 2)
+        return g1, g2
+
+    def _check_finite(self, loss_dict):
+        """Stop within this iteration, before the step, naming the parts whose gradients are not finite."""
+        grads = [p.grad for p in self.layout.params if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0)
+        self.grad_norms = norms
+        losses_finite = all(torch.isfinite(v).all() for v in loss_dict.values())
+        if self.grad_scaler is not None:
+            # GradScaler skips steps whose scaled gradients overflowed: that is not a divergence
+            grads_finite = True
+        else:
+            grads_finite = bool(torch.isfinite(norms).all())
+        if losses_finite and grads_finite:
+            return
+        bad_parts = []
+        if not grads_finite:
+            with_grad = [g for p, g in zip(self.layout.params, self.layout.groups) if p.grad is not None]
+            finite = torch.isfinite(norms).tolist()
+            bad_parts = sorted({g["module"] for g, ok in zip(with_grad, finite) if not ok})
+        losses = {k: float(v) for k, v in loss_dict.items()}
+        raise FloatingPointError(
+            f"Training diverged at iteration {self.iter}: "
+            + (f"non-finite gradients in {', '.join(bad_parts)}; " if bad_parts else "")
+            + f"losses {losses}. The last good checkpoint is the one --resume uses."
+        )
+
+    def _measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> None:
+        """grad_var/<part> = 1 - cos(G1, G2) (on the Adam-normalised gradients for Adam-family optimizers),
+        identical on all workers; AGVM's mu is updated from it on AGVM's measurement iterations."""
+        if self.adam_normalized:
+            base = self.agvm.optimizer if self.agvm else self.optimizer
+            g1, g2 = self.layout.adam_normalize(g1, base), self.layout.adam_normalize(g2, base)
+        phi_values = broadcast_from_main(cosine_variance(g1, g2, self.layout.slices)).tolist()
+        self.last_phi = dict(zip(self.layout.modules, phi_values))
+        storage = get_event_storage()
+        for module, phi in self.last_phi.items():
+            storage.put_scalar(f"grad_var/{module}", phi, smoothing_hint=False)
+        if self.agvm is not None and self.agvm.is_measurement_iter(self.iter):
+            for module, mu in self.agvm.update(self.last_phi).items():
+                storage.put_scalar(f"agvm_mu/{module}", mu, smoothing_hint=False)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class LargeBatchTrainer(DefaultTrainer):
+    """DefaultTrainer with the optimizers, schedules, SyncBN and monitoring of the four large-batch papers.
+
+    The config is completed once at construction (``prepare_solver``: LR scaling rule, epoch units,
+    schedule multiplier, REFERENCE_WORLD_SIZE) and the result is ``self.cfg``.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = prepare_solver(cfg, comm.get_world_size(), num_train_images(cfg))
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.wrap_model(cfg, model)
+        monitor = cfg.MONITOR
+        self._trainer = LargeBatchStepper(
+            model, data_loader, optimizer,
+            accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS,
+            variance_period=monitor.PERIOD if monitor.ENABLED and monitor.GRAD_VARIANCE else 0,
+            amp=cfg.SOLVER.AMP.ENABLED,
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        partition = ModulePartition(cfg.MODEL.MODULE_PARTITION)
+        parts = set(cfg.MODEL.SYNC_BN.PARTS)
+        include = (lambda name: partition(name + ".weight") in parts) if parts else None
+        return build_sync_bn_from_cfg(cfg, model, include=include)
+
+    @staticmethod
+    def wrap_model(cfg, model):
+        """DDP over all workers; on CPU without device_ids (detectron2 0.6 passes them, which DDP rejects)."""
+        if comm.get_world_size() == 1:
+            return model
+        device_ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        # gradient clipping wraps the optimizer that steps, inside AGVM, so it sees unscaled gradients
+        return build_optimizer(cfg, model, wrap=lambda opt: maybe_add_gradient_clipping(cfg, opt))
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=detectron2_compiled_ops())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.MONITOR.ENABLED:
+            # right after the timer: sees the LR the step used (before LRScheduler moves it on) and checks
+            # for jumps before PeriodicCheckpointer could save a diverged model
+            ret.insert(1, MonitorHook(self.cfg))
+        return ret
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()  # detectron2 0.6 leaves out the optimizer
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])

@@ -1,0 +1,241 @@
+"""Shared machinery of the trust-ratio optimizers (LARS, LAMB, PMD-LAMB).
+
+Plain PyTorch, no detectron2. What lives here:
+
+* :class:`TrustRatioOptimizer`, the private base: gathers the params that have a gradient, picks the
+  multi-tensor (``torch._foreach_*``) or the per-tensor path, keeps the trust ratios each step used
+  (:meth:`~TrustRatioOptimizer.last_trust_ratios`), validates hyper-parameters;
+* small helpers both paths share: per-tensor norms, the "1.0 where a norm is 0" rule, clipping.
+
+Nothing in a ``step()`` reads a tensor value back to the host (no ``.item()``): norms and ratios stay
+tensors, and a per-tensor ratio reaches the elementwise update as a 0-dim tensor that the kernel broadcasts.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "TrustRatioOptimizer",
+    "norm_dtype",
+    "tensor_norm",
+    "foreach_norms",
+    "safe_ratio",
+    "scaled_lists",
+    "group_by_device_and_dtype",
+    "default_foreach",
+    "axpy_",
+    "sub_scaled_",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms of float16/bfloat16 tensors are accumulated and returned in float32 (a float16 norm of a
+    large layer overflows at 65504); other dtypes keep their own."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def tensor_norm(t: Tensor) -> Tensor:
+    """L2 norm of one tensor as a 0-dim tensor (float32 for half/bfloat16)."""
+    return torch.linalg.vector_norm(t, 2, dtype=norm_dtype(t.dtype))
+
+
+def foreach_norms(tensors: List[Tensor]) -> Tensor:
+    """L2 norms of same-device, same-dtype tensors as one 1-D tensor (one fused multi-tensor reduction)."""
+    dtype = tensors[0].dtype
+    if dtype in _LOW_PRECISION:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(tensors, 2)
+    return torch.stack(norms)
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, and exactly 1.0 where either is 0 (a zero-initialised bias, an all-zero gradient):
+    no NaN from 0/0 and no infinite step. A NaN norm still gives NaN, so a broken gradient stays visible."""
+    return torch.where((num == 0) | (den == 0), 1.0, num / den)
+
+
+def scaled_lists(vec: Tensor, dtype: torch.dtype) -> List[Tensor]:
+    """Split a 1-D tensor of per-tensor scalars into 0-dim tensors for the ``_foreach`` ops (views, no
+    copies); cast once to the params' dtype so the elementwise kernels see one dtype."""
+    if vec.dtype != dtype:
+        vec = vec.to(dtype)
+    return list(vec.unbind(0))
+
+
+def group_by_device_and_dtype(
+    tensorlists: List[List[Optional[Tensor]]],
+) -> List[Tuple[List[List[Optional[Tensor]]], List[int]]]:
+    """Buckets of tensors sharing device and dtype (``_foreach`` kernels need both to be uniform), each with
+    the indices of its tensors in the input lists. One C++ call (torch's own grouping)."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True)
+    return list(grouped.values())
+
+
+def default_foreach(params: Iterable[Tensor]) -> bool:
+    """``foreach=None``: the multi-tensor path when every tensor is a plain tensor on CPU or CUDA."""
+    if torch.jit.is_scripting():
+        return False
+    return all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def _check(name: str, ok: bool, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
+
+
+def _is_real(x) -> bool:
+    return (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (isinstance(x, Tensor) and x.numel() == 1)
+
+
+def check_lr(lr) -> None:
+    _check("lr", _is_real(lr) and lr >= 0, lr, ">= 0")
+
+
+def check_nonneg(name: str, value) -> None:
+    _check(name, _is_real(value) and value >= 0, value, ">= 0")
+
+
+def check_positive(name: str, value) -> None:
+    _check(name, _is_real(value) and value > 0, value, "> 0")
+
+
+def check_trust_clip(value) -> None:
+    _check("trust_clip", value is None or (_is_real(value) and value > 0), value, "None or > 0")
+
+
+def check_betas(betas) -> None:
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+    _check("betas", ok, betas, "a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        _check(f"betas[{i}]", _is_real(b) and 0 <= b < 1, b, "in [0, 1)")
+
+
+class TrustRatioOptimizer(Optimizer):
+    """Private base of LARS, LAMB and PMD-LAMB.
+
+    Subclasses implement ``_validate(group)`` and ``_update(group, params, grads, foreach)``. The latter
+    updates the params (which all have a gradient) and returns the ratios it used as a list of
+    ``(positions, ratios)`` pairs, one per device/dtype bucket: ``positions`` index ``params`` and
+    ``ratios`` is a 1-D tensor.
+
+    Trust ratios are kept out of ``param_groups`` (``state_dict()`` copies group keys, and tensors of
+    diagnostics have no place in a checkpoint): ``self._trust_ratios[group_index]``.
+    """
+
+    def __init__(self, params, defaults: dict) -> None:
+        self._trust_ratios: Dict[int, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------
+    def _validate(self, group: dict) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _update(
+        self, group: dict, params: List[Tensor], grads: List[Tensor], foreach: bool
+    ) -> List[Tuple[Sequence[int], Tensor]]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # -- torch.optim.Optimizer plumbing ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        # per-group overrides are checked with the same rules as the constructor's arguments
+        self._validate(self.param_groups[-1])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_trust_ratios", {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._trust_ratios = {}
+
+    def last_trust_ratios(self) -> List[Optional[Tensor]]:
+        """Per param group, the ratios the last ``step()`` used (LARS: local LR; LAMB: trust ratio; PMD-LAMB:
+        ``||w|| / ||u||``), a 1-D tensor in ``group["params"]`` order, in the params' dtype (float32 for
+        half/bfloat16 or mixed dtypes), on the device of the group's first param. NaN marks a param that
+        had no gradient in that step (it was skipped). ``None`` for a group never stepped."""
+        ratios = getattr(self, "_trust_ratios", {})
+        return [ratios.get(i) for i in range(len(self.param_groups))]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for index, group in enumerate(self.param_groups):
+            params, grads, positions = [], [], []
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                positions.append(j)
+            n = len(group["params"])
+            if not params:
+                if n:
+                    p0 = group["params"][0]
+                    self._trust_ratios[index] = torch.full(
+                        (n,), float("nan"), dtype=norm_dtype(p0.dtype), device=p0.device
+                    )
+                continue
+            foreach = group.get("foreach")
+            if foreach is None:
+                foreach = default_foreach(params)
+            pieces = self._update(group, params, grads, foreach)
+            self._trust_ratios[index] = self._assemble(group["params"], positions, pieces)
+        return loss
+
+    @staticmethod
+    def _assemble(
+        group_params: List[Tensor], positions: List[int], pieces: List[Tuple[Sequence[int], Tensor]]
+    ) -> Tensor:
+        """One 1-D tensor of ratios in group order from per-bucket pieces; NaN for params skipped."""
+        n = len(group_params)
+        device = group_params[0].device
+        dtypes = {vec.dtype for _, vec in pieces}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        if len(pieces) == 1 and len(positions) == n:
+            pos, vec = pieces[0]
+            if list(pos) == list(range(n)):  # the common case: one bucket, every param stepped
+                return vec.detach().to(device=device, dtype=dtype)
+        entries: List[Optional[Tensor]] = [None] * n
+        for pos, vec in pieces:
+            vals = vec.detach().to(device=device, dtype=dtype).unbind(0)
+            for k, v in zip(pos, vals):
+                entries[positions[k]] = v
+        if any(e is None for e in entries):
+            nan = torch.full((), float("nan"), dtype=dtype, device=device)
+            entries = [nan if e is None else e for e in entries]
+        return torch.stack(entries)  # type: ignore[arg-type]
+
+
+def axpy_(xs: List[Tensor], ys: List[Tensor], a) -> None:
+    """``xs[i] += a_i * ys[i]`` in place. ``a``: a Python number (one fused add), a 0-dim tensor (e.g. a
+    tensor LR), or a list of 0-dim tensors, one per tensor (a per-tensor trust ratio, never read back)."""
+    if isinstance(a, list):
+        torch._foreach_addcmul_(xs, ys, a)
+    elif isinstance(a, Tensor):
+        torch._foreach_addcmul_(xs, ys, [a] * len(xs))
+    else:
+        torch._foreach_add_(xs, ys, alpha=a)
+
+
+def sub_scaled_(x: Tensor, y: Tensor, lr) -> None:
+    """``x -= lr * y`` for a number or a tensor ``lr`` (per-tensor path)."""
+    if isinstance(lr, Tensor):
+        x.sub_(y * lr)
+    else:
+        x.add_(y, alpha=-lr)

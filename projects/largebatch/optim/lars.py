@@ -1,0 +1,194 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017, "Scaling SGD batch size to 32k for
+ImageNet training"), as CoolDet uses it for Mask R-CNN (CoolDet eq. 1-2).
+
+Plain PyTorch: no detectron2 import.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ._multi_tensor import (
+    TrustRatioOptimizer,
+    axpy_,
+    check_lr,
+    check_nonneg,
+    check_positive,
+    check_trust_clip,
+    foreach_norms,
+    group_by_device_and_dtype,
+    norm_dtype,
+    scaled_lists,
+    sub_scaled_,
+    tensor_norm,
+)
+
+__all__ = ["LARS", "lars_local_lr"]
+
+
+def lars_local_lr(
+    w_norm: Tensor,
+    g_norm: Tensor,
+    *,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: Optional[float],
+) -> Tensor:
+    """The local LR of CoolDet eq. 2 / You et al. 2017 (with weight decay in the denominator, as in the LARS
+    paper's Algorithm 1): ``eta * ||w|| / (||g|| + beta * ||w|| + eps)``, capped at ``trust_clip``, and
+    exactly 1.0 where ``||w||`` or ``||g||`` is 0 (a zero-initialised bias would otherwise never move).
+    Works elementwise on 0-dim or 1-D tensors of norms."""
+    local = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+    if trust_clip is not None:
+        local = local.clamp(max=trust_clip)
+    return torch.where((w_norm == 0) | (g_norm == 0), 1.0, local)
+
+
+class LARS(TrustRatioOptimizer):
+    r"""SGD with momentum and a layer-wise (per-tensor) local learning rate.
+
+    For each parameter tensor ``w`` with gradient ``g`` (CoolDet eq. 1-2; You et al. 2017, Algorithm 1)::
+
+        local_lr = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)   (eq. 2)
+        buf      = momentum * buf + local_lr * (g + weight_decay * w)                   (eq. 1 + momentum)
+        w       -= lr * buf
+
+    ``local_lr`` is 1.0 where ``||w||`` or ``||g||`` is 0, and for a param group with ``"adapt": False``
+    (biases and norm layers, usually). ``trust_clip=c`` caps the norm-derived ``local_lr`` at ``c`` (the 1.0
+    of those two cases is not capped). On the first step ``buf`` is the update itself, as in
+    ``torch.optim.SGD``. The global LR stays outside the momentum buffer (as in ``torch.optim.SGD``), so a
+    scheduler's change of ``lr`` acts at once; weight decay sits inside the trust-ratio update.
+
+    Args:
+        params: iterable of parameters or of param-group dicts. Groups may carry any other keys
+            (``"module"``, names, ...); they are kept untouched.
+        lr: global learning rate ``gamma`` (read from ``group["lr"]`` at every step, so LR schedulers work).
+        momentum: momentum factor (0 disables the buffer).
+        weight_decay: L2 coefficient ``beta``.
+        trust_coefficient: ``eta`` of eq. 2.
+        eps: added to the denominator of eq. 2.
+        trust_clip: upper bound of the local LR, or None.
+        foreach: True: multi-tensor ``torch._foreach_*`` path; False: a per-tensor loop (for reading and for
+            tests); None (default): multi-tensor when all tensors are on CPU or CUDA.
+
+    The local LRs of the last step: :meth:`last_trust_ratios` (NaN for params without a gradient, which are
+    skipped). Sparse gradients raise ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 0.0,
+        trust_clip: Optional[float] = None,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            trust_clip=trust_clip,
+            adapt=True,
+            foreach=foreach,
+        )
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_nonneg("momentum", group["momentum"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_positive("trust_coefficient", group["trust_coefficient"])
+        check_trust_clip(group["trust_clip"])
+
+    def _update(self, group, params, grads, foreach):
+        if foreach:
+            return self._update_foreach(group, params, grads)
+        return self._update_single(group, params, grads)
+
+    def _local_lr(self, group: dict, w_norm: Tensor, g_norm: Tensor) -> Tensor:
+        return lars_local_lr(
+            w_norm,
+            g_norm,
+            trust_coefficient=group["trust_coefficient"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            trust_clip=group["trust_clip"],
+        )
+
+    def _update_single(self, group: dict, params: List[Tensor], grads: List[Tensor]):
+        """The per-tensor loop: the equations as written."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        ratios = []
+        for p, g in zip(params, grads):
+            if group["adapt"]:
+                local = self._local_lr(group, tensor_norm(p), tensor_norm(g))
+            else:
+                local = torch.ones((), dtype=norm_dtype(p.dtype), device=p.device)
+            d = g.add(p, alpha=wd) if wd != 0 else g  # a new tensor: p.grad is never modified
+            if momentum != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d * local
+                else:
+                    buf.mul_(momentum).add_(d * local)
+                sub_scaled_(p, buf, lr)
+            else:
+                sub_scaled_(p, d * local, lr)
+            ratios.append(local)
+        return [(range(len(params)), torch.stack(ratios))]
+
+    def _update_foreach(self, group: dict, params: List[Tensor], grads: List[Tensor]):
+        """Multi-tensor path: per device/dtype bucket, two fused norm reductions, the local LRs as one
+        vector, and the momentum update as fused multiply-adds whose per-tensor factor is a 0-dim tensor."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        bufs = []
+        if momentum != 0:
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    # zeros: momentum * 0 + update == the update, i.e. torch SGD's "first step: buf = update"
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+        else:
+            bufs = [None] * len(params)
+
+        pieces = []
+        for (b_params, b_grads, b_bufs), pos in group_by_device_and_dtype([params, grads, bufs]):
+            dtype = b_params[0].dtype
+            if group["adapt"]:
+                local = self._local_lr(group, foreach_norms(b_params), foreach_norms(b_grads))
+                coef = scaled_lists(local, dtype)
+                coef_wd = scaled_lists(local * wd, dtype) if wd != 0 else None
+            else:
+                local = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=b_params[0].device)
+                coef, coef_wd = 1.0, wd  # plain scalars: the fast fused kernels
+            if momentum != 0:
+                # buf = m * buf + local * g + (local * wd) * w: no temporary (g + wd * w), p.grad untouched
+                torch._foreach_mul_(b_bufs, momentum)
+                axpy_(b_bufs, b_grads, coef)
+                if wd != 0:
+                    axpy_(b_bufs, b_params, coef_wd)
+                axpy_(b_params, b_bufs, -lr)
+            else:
+                # w = w * (1 - lr * local * wd) - (lr * local) * g
+                if group["adapt"]:
+                    if wd != 0:
+                        torch._foreach_mul_(b_params, scaled_lists(1 - lr * wd * local, dtype))
+                    axpy_(b_params, b_grads, scaled_lists(-lr * local, dtype))
+                else:
+                    if wd != 0:
+                        torch._foreach_mul_(b_params, 1 - lr * wd)
+                    axpy_(b_params, b_grads, -lr)
+            pieces.append((pos, local))
+        return pieces

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Train or evaluate a detector with largebatch's recipes.
+
+    python train_net.py --num-gpus 8 --config-file configs/COCO-Detection/agvm_faster_rcnn_R_50_FPN_b1024_sgd.yaml
+    python train_net.py --num-gpus 2 --config-file configs/shapes/demo.yaml SOLVER.MAX_ITER 100
+    python train_net.py --eval-only --config-file configs/shapes/demo.yaml MODEL.WEIGHTS output/demo/model_final.pth
+
+Without GPUs, --num-gpus N starts N CPU worker processes over gloo.
+"""
+import os
+import sys
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from largebatch import LargeBatchTrainer, launch
+from largebatch.config import ConfigError
+from largebatch.engine.setup import load_config, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = LargeBatchTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = LargeBatchTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = LargeBatchTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    try:  # fail before any worker starts: one line, no traceback
+        cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
+        if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
