@@ -16,16 +16,21 @@ detectron2 is importable, after ``detectron2.utils.comm._LOCAL_PROCESS_GROUP`` i
 
 A worker that raises makes ``run_workers`` raise ``WorkerError`` carrying the rank and the worker's formatted
 traceback; the other workers (likely blocked in a collective with the failed one) are killed at once. A run
-that takes longer than ``timeout`` seconds is killed and raises ``WorkerError`` as well; the same timeout
-bounds each gloo collective, so a hung collective fails inside the worker with its own traceback.
+that takes longer than ``timeout`` seconds is killed and raises ``WorkerError`` as well; each gloo collective
+gives up after 0.8 x ``timeout``, so a collective that hangs (a peer never joins) fails inside the worker and
+is reported with that worker's traceback.
 
-Start method: "fork" by default (a forked worker inherits the already-imported torch/detectron2, so a
-4-worker process group starts in well under a second, against several seconds per worker with "spawn", which
-re-imports torch). Forking is safe here because no process group or other communication thread exists in
-the parent, and each worker sets its intra-op thread count before doing any torch work (the parent's OpenMP
-pool is not inherited by the child; tests/test_sync_bn.py checks that a fork after multi-threaded torch work
-in the parent does not hang). Pass ``start_method="spawn"`` to get fresh interpreters (``fn`` and ``args``
-must then be picklable, i.e. ``fn`` defined at module level of an importable module).
+Start method: "fork" by default. A forked worker inherits the already-imported torch/detectron2, so a
+4-worker process group is up in about 0.3-0.6 s on 2 cores, against about 17 s with "spawn" (every worker
+re-imports torch and detectron2). Forking is safe under two conditions, both kept here: no process group or
+other communication thread exists in the parent (the test process never initializes torch.distributed), and
+each forked worker runs torch single-threaded, set before it does any torch work. The second is not
+optional: torch uses GNU OpenMP, which is not fork-safe; after the parent has run a parallel region (any
+sizeable op), a forked child that enters one with 2 threads hangs (measured: all 4 workers stuck), while
+with 1 thread it never enters the OpenMP pool (20 of 20 runs fine after multi-threaded conv/matmul in the
+parent; tests/test_sync_bn.py repeats that check). Hence ``threads`` must be 1 with "fork". Pass
+``start_method="spawn"`` for fresh interpreters or more threads per worker (``fn`` and ``args`` must then be
+picklable: ``fn`` defined at module level of an importable module; the parent's sys.path is passed on).
 
 Results and tracebacks come back through pickle files in a temporary directory (``pickle`` proper, not
 ``multiprocessing``'s queue with torch's shared-memory tensor reductions, so a worker can exit right after
@@ -63,8 +68,16 @@ def _default_start_method():
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+def _write(result_file, payload):
+    tmp = result_file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(pickle.dumps(payload))
+    os.replace(tmp, result_file)  # the parent sees a complete file or none
+
+
 def _worker_main(fn, rank, world_size, args, port, result_dir, timeout, threads, sys_path):
     result_file = os.path.join(result_dir, f"rank{rank}.pkl")
+    dist = None
     try:
         for p in reversed(sys_path):  # spawn: make the test's imports (tests/, projects/) resolvable
             if p not in sys.path:
@@ -79,33 +92,30 @@ def _worker_main(fn, rank, world_size, args, port, result_dir, timeout, threads,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
+            # a collective gives up before the run does, so that a hang is reported with the worker's traceback
+            timeout=datetime.timedelta(seconds=max(1.0, 0.8 * timeout)),
         )
         try:
-            try:
-                from detectron2.utils import comm
-            except ImportError:
-                comm = None
-            if comm is not None and getattr(comm, "_LOCAL_PROCESS_GROUP", None) is None:
-                # what detectron2's launch sets up: one machine, so the local group is every worker
-                comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
-            result = fn(rank, world_size, *args)
-        finally:
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a failed collective can leave the group unusable; the result matters more
-                pass
-        payload = ("ok", result)
+            from detectron2.utils import comm
+        except ImportError:
+            comm = None
+        if comm is not None and getattr(comm, "_LOCAL_PROCESS_GROUP", None) is None:
+            # what detectron2's launch sets up: one machine, so the local group is every worker
+            comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
+        payload = ("ok", fn(rank, world_size, *args))
     except BaseException as e:  # noqa: B902 - report everything, including KeyboardInterrupt/SystemExit
-        payload = ("error", f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+        payload = ("error", f"{type(e).__name__}: {e}\n\n" + traceback.format_exc(), time.time())
     try:
-        data = pickle.dumps(payload)
+        _write(result_file, payload)
     except Exception as e:
-        data = pickle.dumps(("error", f"the return value of rank {rank} is not picklable: {e!r}"))
-    tmp = result_file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, result_file)  # the parent sees a complete file or none
+        payload = ("error", f"the return value of rank {rank} is not picklable: {e!r}", time.time())
+        _write(result_file, payload)
+    # only now tear the group down: its peers fail (connection reset) after the root cause is on disk
+    if dist is not None and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a failed collective can leave the group unusable; the result is saved
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     if payload[0] == "error":
@@ -113,13 +123,12 @@ def _worker_main(fn, rank, world_size, args, port, result_dir, timeout, threads,
 
 
 def _failure_error(result_dir, procs, failed_rank, world_size):
-    """The WorkerError to raise: the first traceback written (the root cause; peers fail after it)."""
+    """The WorkerError to raise: the earliest exception (the root cause; its peers fail after it)."""
     errors = []
     for rank in range(world_size):
-        path = os.path.join(result_dir, f"rank{rank}.pkl")
         payload = _read(result_dir, rank)
         if payload is not None and payload[0] == "error":
-            errors.append((os.path.getmtime(path), rank, payload[1]))
+            errors.append((payload[2], rank, payload[1]))  # (time it was caught, rank, traceback)
     if not errors:
         return WorkerError(
             f"worker rank {failed_rank}/{world_size} died with exit code {procs[failed_rank].exitcode}",
@@ -149,7 +158,12 @@ def run_workers(fn, world_size, *args, timeout=120, start_method=None, threads=1
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = multiprocessing.get_context(start_method or _default_start_method())
+    start_method = start_method or _default_start_method()
+    if start_method == "fork" and threads != 1:
+        # GNU OpenMP is not fork-safe: once the parent has run a parallel region (any sizeable torch op), a
+        # forked child that enters one with more than one thread hangs (seen: every worker stuck, threads=2).
+        raise ValueError(f"start_method='fork' needs threads=1 (got {threads}); use start_method='spawn'")
+    ctx = multiprocessing.get_context(start_method)
     with tempfile.TemporaryDirectory(prefix="largebatch_dist_") as result_dir:
         port = free_port()
         procs = [

@@ -401,3 +401,9 @@ def test_plot_schedule_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "SOLVER.LR_SCHEDULER_NAME = 'Nope' is not allowed" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_end_lr_above_base_lr_is_an_error():
+    cfg = make_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", BASE_LR=0.01, BASE_LR_END=0.1)
+    with pytest.raises(ConfigError, match=r"^SOLVER.BASE_LR_END = 0.1 is not allowed: expected a number <= "):
+        lr_curve(cfg)

@@ -32,11 +32,28 @@ else
   rm -rf "$site/detectron2.partial"
   cp -r "$src/detectron2" "$site/detectron2.partial"
   cat > "$site/detectron2.partial/_C.py" <<'PYEOF'
-# Installed by largebatch/tools/setup_env.sh: detectron2 v0.6 was installed from Python sources only.
-raise ImportError(
-    "detectron2's compiled ops (detectron2._C) are not installed: deformable conv, rotated boxes and the "
-    "fast COCO evaluator are unavailable. Install an official detectron2 build to use them."
-)
+"""Stand-in for detectron2's compiled ops, written by largebatch's tools/setup_env.sh: this detectron2 v0.6
+was installed from its Python sources only. Importing works; using a compiled op raises ImportError."""
+
+
+def get_compiler_version():  # read by detectron2.utils.collect_env
+    return "none: detectron2 installed from Python sources (no compiled ops)"
+
+
+def get_cuda_version():
+    return "none"
+
+
+def has_cuda():
+    return False
+
+
+def __getattr__(name):
+    raise ImportError(
+        f"detectron2._C.{name} is a compiled op, and this detectron2 was installed without them: deformable "
+        "conv, rotated boxes and the fast COCO evaluator are unavailable (use COCOEvaluator(use_fast_impl=False)). "
+        "Install an official detectron2 build to use them."
+    )
 PYEOF
   rm -rf "$site/detectron2"
   mv "$site/detectron2.partial" "$site/detectron2"

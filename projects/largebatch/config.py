@@ -134,6 +134,10 @@ def add_largebatch_config(cfg):
     # [part, regex] pairs, e.g. [["head", "^roi_heads\\.box_predictor\\."]]; the first match wins.
     _C.MODEL.MODULE_PARTITION = []
 
+    # Blocks in res2..res5 of build_small_resnet_fpn_backbone (largebatch/modeling/backbone.py), the narrow
+    # ResNet-FPN of the CPU-sized shapes configs; its widths start at RESNETS.RES2_OUT_CHANNELS and double.
+    _C.MODEL.RESNETS.SMALL_BLOCKS_PER_STAGE = [1, 1, 1, 1]
+
     # ---------------------------------------------------------------------------------------------------------
     # Monitoring (largebatch/monitor.py, engine/hooks.py).
     # ---------------------------------------------------------------------------------------------------------

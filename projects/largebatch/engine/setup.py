@@ -6,6 +6,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
+from .. import modeling  # noqa: F401  (registers build_small_resnet_fpn_backbone)
 from ..config import ConfigError, add_largebatch_config, validate
 
 logger = logging.getLogger("largebatch")

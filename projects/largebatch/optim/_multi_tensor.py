@@ -205,7 +205,7 @@ class TrustRatioOptimizer(Optimizer):
         """One 1-D tensor of ratios in group order from per-bucket pieces; NaN for params skipped."""
         n = len(group_params)
         device = group_params[0].device
-        dtypes = {vec.dtype for _, vec in pieces}
+        dtypes = {norm_dtype(p.dtype) for p in group_params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         if len(pieces) == 1 and len(positions) == n:
             pos, vec = pieces[0]

@@ -34,12 +34,13 @@ __all__ = ["LAMB", "PMDLAMB", "lamb_trust_ratio", "pmd_xi"]
 
 
 def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, trust_clip: Optional[float] = None) -> Tensor:
-    """``||w|| / ||u||`` (LAMB Algorithm 2 with phi = identity; LargeDet Algorithm 1 line 9), capped at
-    ``trust_clip``, exactly 1.0 where either norm is 0. Elementwise on 0-dim or 1-D tensors of norms."""
-    ratio = w_norm / u_norm
+    """``||w|| / ||u||`` (LAMB Algorithm 2 with phi = identity; LargeDet Algorithm 1 line 9), 1.0 where
+    either norm is 0 (no NaN from 0/0), then capped at ``trust_clip``. Elementwise on 0-dim or 1-D tensors
+    of norms."""
+    ratio = torch.where((w_norm == 0) | (u_norm == 0), 1.0, w_norm / u_norm)
     if trust_clip is not None:
         ratio = ratio.clamp(max=trust_clip)
-    return torch.where((w_norm == 0) | (u_norm == 0), 1.0, ratio)
+    return ratio
 
 
 def pmd_xi(t: int, cycle: int) -> float:
@@ -169,8 +170,9 @@ class LAMB(_LambBase):
         trust = ||w|| / ||u||;   w -= lr * trust * u
 
     ``trust`` is 1.0 where ``||w||`` or ``||u||`` is 0 and for a param group with ``"adapt": False``;
-    ``trust_clip=c`` caps the norm-derived trust at ``c`` (the 1.0 of those cases is not capped). Weight decay
-    is inside the trust-ratio update. No global gradient clipping.
+    ``trust_clip=c`` caps the trust at ``c`` in adapting groups (the zero-norm 1.0 included; an
+    ``adapt=False`` group always uses exactly 1.0). Weight decay is inside the trust-ratio update. No global
+    gradient clipping.
 
     Args:
         params: iterable of parameters or of param-group dicts (other group keys are kept untouched).

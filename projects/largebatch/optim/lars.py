@@ -38,13 +38,14 @@ def lars_local_lr(
     trust_clip: Optional[float],
 ) -> Tensor:
     """The local LR of CoolDet eq. 2 / You et al. 2017 (with weight decay in the denominator, as in the LARS
-    paper's Algorithm 1): ``eta * ||w|| / (||g|| + beta * ||w|| + eps)``, capped at ``trust_clip``, and
-    exactly 1.0 where ``||w||`` or ``||g||`` is 0 (a zero-initialised bias would otherwise never move).
-    Works elementwise on 0-dim or 1-D tensors of norms."""
+    paper's Algorithm 1): ``eta * ||w|| / (||g|| + beta * ||w|| + eps)``, 1.0 where ``||w||`` or ``||g||``
+    is 0 (a zero-initialised bias would otherwise never move; no NaN from 0/0), then capped at
+    ``trust_clip``. Works elementwise on 0-dim or 1-D tensors of norms."""
     local = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+    local = torch.where((w_norm == 0) | (g_norm == 0), 1.0, local)
     if trust_clip is not None:
         local = local.clamp(max=trust_clip)
-    return torch.where((w_norm == 0) | (g_norm == 0), 1.0, local)
+    return local
 
 
 class LARS(TrustRatioOptimizer):
@@ -57,8 +58,8 @@ class LARS(TrustRatioOptimizer):
         w       -= lr * buf
 
     ``local_lr`` is 1.0 where ``||w||`` or ``||g||`` is 0, and for a param group with ``"adapt": False``
-    (biases and norm layers, usually). ``trust_clip=c`` caps the norm-derived ``local_lr`` at ``c`` (the 1.0
-    of those two cases is not capped). On the first step ``buf`` is the update itself, as in
+    (biases and norm layers, usually). ``trust_clip=c`` caps ``local_lr`` at ``c`` in adapting groups
+    (the zero-norm 1.0 included; an ``adapt=False`` group always uses exactly 1.0). On the first step ``buf`` is the update itself, as in
     ``torch.optim.SGD``. The global LR stays outside the momentum buffer (as in ``torch.optim.SGD``), so a
     scheduler's change of ``lr`` acts at once; weight decay sits inside the trust-ratio update.
 
