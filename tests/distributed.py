@@ -15,13 +15,14 @@ detectron2 is importable, after ``detectron2.utils.comm._LOCAL_PROCESS_GROUP`` i
 ``run_workers`` returns the per-rank return values, in rank order.
 
 A worker that raises makes ``run_workers`` raise ``WorkerError`` carrying the rank and the worker's formatted
-traceback; the other workers (likely blocked in a collective with the failed one) are killed at once. A run
+traceback (the earliest exception: peers that fail because of it come after); the other workers (likely
+blocked in a collective with the failed one) are killed at once. A run
 that takes longer than ``timeout`` seconds is killed and raises ``WorkerError`` as well; each gloo collective
 gives up after 0.8 x ``timeout``, so a collective that hangs (a peer never joins) fails inside the worker and
 is reported with that worker's traceback.
 
 Start method: "fork" by default. A forked worker inherits the already-imported torch/detectron2, so a
-4-worker process group is up in about 0.3-0.6 s on 2 cores, against about 17 s with "spawn" (every worker
+4-worker run costs about 0.3-1 s on 2 cores, against about 17 s with "spawn" (every worker
 re-imports torch and detectron2). Forking is safe under two conditions, both kept here: no process group or
 other communication thread exists in the parent (the test process never initializes torch.distributed), and
 each forked worker runs torch single-threaded, set before it does any torch work. The second is not

@@ -127,11 +127,16 @@ def lr_at(step, base):
 
 
 def build(cls, params, kwargs, foreach):
+    """``foreach``: True, False, or "alloc" (the multi-tensor path with fresh temporaries, the default on
+    CUDA, instead of the persistent work buffers used on CPU)."""
     groups = [
         {"params": params[0], "module": "backbone"},
         {"params": params[1], "adapt": False, "module": "rpn", "names": ["rpn.bias", "rpn.norm"]},
     ]
-    return cls(groups, lr=0.0, foreach=foreach, **kwargs)
+    opt = cls(groups, lr=0.0, foreach=bool(foreach), **kwargs)
+    if foreach == "alloc":
+        opt._reuse_buffers = False
+    return opt
 
 
 def run_reference(case, wd, steps=STEPS):
@@ -208,7 +213,7 @@ def assert_history_close(got, want, rtol, atol):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+@pytest.mark.parametrize("foreach", [True, "alloc", False], ids=["foreach", "foreach_alloc", "per_tensor"])
 @pytest.mark.parametrize("wd", [0.0, 0.01], ids=["wd0", "wd"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, wd, foreach):
@@ -231,8 +236,9 @@ def test_matches_reference(case, wd, foreach):
 
 @pytest.mark.parametrize("case", ["lars", "lamb", "pmd_cycle7"])
 @pytest.mark.parametrize("dtype", [torch.float32])
-def test_foreach_matches_per_tensor_float32(case, dtype):
-    a, _ = run_optimizer(case, 0.01, True, dtype=dtype, steps=20, resume_at=10)
+@pytest.mark.parametrize("foreach", [True, "alloc"], ids=["foreach", "foreach_alloc"])
+def test_foreach_matches_per_tensor_float32(case, dtype, foreach):
+    a, _ = run_optimizer(case, 0.01, foreach, dtype=dtype, steps=20, resume_at=10)
     b, _ = run_optimizer(case, 0.01, False, dtype=dtype, steps=20, resume_at=10)
     for (ap, ar), (bp, br) in zip(a, b):
         assert all(x.dtype == dtype for ps in ap for x in ps)
@@ -248,10 +254,11 @@ def test_foreach_matches_per_tensor_float32(case, dtype):
 @pytest.mark.parametrize("cls", [LARS, LAMB, PMDLAMB])
 def test_low_precision(cls, dtype):
     results = []
-    for foreach in (True, False):
+    for foreach in (False, True, "alloc"):
         torch.manual_seed(0)
         ws = [torch.randn(64, 32).to(dtype), torch.zeros(32, dtype=dtype)]
-        opt = cls(ws, lr=0.01, weight_decay=1e-4, foreach=foreach)
+        opt = cls(ws, lr=0.01, weight_decay=1e-4, foreach=bool(foreach))
+        opt._reuse_buffers = False if foreach == "alloc" else None
         for step in range(5):
             gen = torch.Generator().manual_seed(step)
             for w in ws:
@@ -261,11 +268,12 @@ def test_low_precision(cls, dtype):
         assert all(w.dtype == dtype and torch.isfinite(w).all() for w in ws)
         assert ratios.dtype == torch.float32 and torch.isfinite(ratios).all()
         results.append((ws, ratios))
-    (wa, ra), (wb, rb) = results
+    (wa, ra) = results[0]
     tol = dict(rtol=2e-2, atol=2e-3)
-    for x, y in zip(wa, wb):
-        torch.testing.assert_close(x.float(), y.float(), **tol)
-    torch.testing.assert_close(ra, rb, **tol)
+    for wb, rb in results[1:]:
+        for x, y in zip(wa, wb):
+            torch.testing.assert_close(x.float(), y.float(), **tol)
+        torch.testing.assert_close(ra, rb, **tol)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,14 +10,16 @@ stored statistics.
 
 ``GroupSyncBatchNorm`` subclasses detectron2's ``NaiveSyncBatchNorm`` (so ``isinstance`` checks and
 checkpoint names are unchanged: weight, bias, running_mean, running_var, num_batches_tracked) and differs from
-it only in what it synchronizes over and in three details, each chosen to match ``torch.nn.BatchNorm2d`` on the
+it only in what it synchronizes over and in a few details, each chosen to match ``torch.nn.BatchNorm2d`` on the
 group's joint batch exactly:
 
 - the statistics are summed over the worker's group (``group_size`` consecutive ranks) with an all-reduce
   whose backward all-reduces the gradient over the same group, so gradients flow across the group;
 - ``running_var`` is updated with the *unbiased* variance (n / (n - 1), n = values per channel in the whole
   group), as BatchNorm2d does (NaiveSyncBatchNorm uses the biased one);
-- ``num_batches_tracked`` is counted, and ``momentum=None`` (cumulative average) works, as in BatchNorm2d.
+- ``num_batches_tracked`` is counted, and ``momentum=None`` (cumulative average) works, as in BatchNorm2d;
+- stats_mode "N" weights each worker by its number of values N * H * W (NaiveSyncBatchNorm: by N), which is the
+  same for equal H, W and the joint batch's exact statistics otherwise.
 
 With one worker, ``group_size=1`` or in eval mode the layer *is* BatchNorm2d (its forward is called).
 
@@ -25,13 +27,18 @@ FREEZE_AT: detectron2 freezes the first stages by setting their conv weights' ``
 turning their BN into FrozenBatchNorm2d. ``convert_frozen=True`` converts *every* FrozenBatchNorm2d, including
 those of frozen stages, into trainable BN (weight/bias ``requires_grad=True``, statistics updated in training);
 the conv weights of those stages stay frozen. Use MODEL.BACKBONE.FREEZE_AT 0 to train them too.
+
+DDP: the groups' running statistics differ; DDP's ``broadcast_buffers=True`` would overwrite them with rank 0's
+before every forward (harmless for training, but then only group 0's statistics survive). detectron2's trainer
+passes ``broadcast_buffers=False``. Every worker of a group must run every converted layer in every iteration
+(the all-reduce is collective), as with any SyncBN.
 """
 import logging
+import numbers
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 
@@ -57,7 +64,7 @@ def _dist_world_size():
 
 
 def _check_group_size(group_size, world_size):
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size < 0:
         raise ValueError(f"SyncBN group_size must be an integer >= 0 (0 = all workers), got {group_size!r}")
     if group_size > 0 and world_size > 1 and world_size % group_size != 0:
         raise ValueError(
@@ -74,7 +81,10 @@ def _effective_group_size(group_size, world_size):
 
 
 def get_bn_group(group_size):
-    """This rank's process group for BN groups of ``group_size`` consecutive ranks (None = the whole world).
+    """This rank's process group for BN groups of ``group_size`` consecutive ranks.
+
+    None when the group is the whole world (group_size 0 or the world size; use the default group), and also
+    when there is nothing to synchronize (one worker, group_size 1: GroupSyncBatchNorm does not communicate).
 
     Creating the groups is collective: every rank calls ``dist.new_group`` for every group, in the same order.
     The result is cached per (world_size, group_size), so all BN layers share one process group; the cache is
@@ -129,8 +139,9 @@ class GroupSyncBatchNorm(NaiveSyncBatchNorm):
 
     group_size: 0 = all workers, 1 = plain per-worker BN; must divide the world size (ValueError otherwise).
     stats_mode: "" = mean of the per-worker statistics (the joint batch's statistics when all workers have the
-    same N, H, W; a worker may not have 0 images), "N" = weighted by each worker's number of values (the joint
-    batch's statistics for any batch sizes; a worker with 0 images contributes nothing and still takes part).
+    same N, H, W; a worker may not have 0 images), "N" = weighted by each worker's number of values N * H * W
+    (the joint batch's statistics for any N, H, W; a worker with 0 images contributes nothing and still has to
+    run the layer, as every worker of the group must take part in each all-reduce).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -141,7 +152,7 @@ class GroupSyncBatchNorm(NaiveSyncBatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype,
                          stats_mode=stats_mode)
-        self.group_size = group_size
+        self.group_size = int(group_size)
 
     @property
     def stats_mode(self):

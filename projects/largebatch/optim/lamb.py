@@ -54,9 +54,24 @@ class _LambBase(TrustRatioOptimizer):
     int, so it is in ``state_dict()["param_groups"]`` and a resumed run continues exactly); it counts the
     steps in which the group had at least one gradient."""
 
+    # multi-tensor path: work in persistent buffers (True) or in fresh temporaries (False); None: buffers on
+    # CPU only. A class attribute, not an argument: it changes speed and memory, never results.
+    _reuse_buffers: Optional[bool] = None
+
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
+
+    def _scratch(self, params: List[Tensor]) -> List[Tensor]:
+        """Persistent param-shaped work buffers (CPU path). Not optimizer state: not in ``state_dict()``."""
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        out = []
+        for p in params:
+            buf = cache.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = cache[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        return out
 
     def _moments(self, params: List[Tensor]):
         exp_avgs, exp_avg_sqs = [], []
@@ -128,26 +143,46 @@ class _LambBase(TrustRatioOptimizer):
             torch._foreach_mul_(b_v, c["v_decay"])
             torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
 
-            if c["eps_in"] != 0:
-                denom = torch._foreach_add(b_v, c["eps_in"])
-                torch._foreach_sqrt_(denom)
-            else:
-                denom = torch._foreach_sqrt(b_v)
-            if c["eps_out"] != 0:
-                torch._foreach_add_(denom, c["eps_out"])
-
             k = c["k"]
-            if wd != 0 and dtype != torch.float16:
-                # u / wd = w + (k / wd) * m / denom: one pass builds it; a float16 could overflow here
-                u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
-                u_scale = wd
-            else:
-                # u / k = m / denom + (wd / k) * w
-                u = torch._foreach_div(b_m, denom)
+            reuse = self._reuse_buffers
+            if reuse is None:
+                reuse = b_params[0].device.type == "cpu"
+            if reuse:
+                # CPU: a fresh param-sized temporary page-faults on every step (glibc hands large blocks
+                # back to the OS), which costs more than a pass; reuse one persistent buffer instead
+                u = self._scratch(b_params)
+                torch._foreach_copy_(u, b_v)
+                if c["eps_in"] != 0:
+                    torch._foreach_add_(u, c["eps_in"])
+                torch._foreach_sqrt_(u)
+                if c["eps_out"] != 0:
+                    torch._foreach_add_(u, c["eps_out"])
+                # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
+                torch._foreach_div_(u, b_m)
+                torch._foreach_reciprocal_(u)
                 if wd != 0:
                     torch._foreach_add_(u, b_params, alpha=wd / k)
-                u_scale = k
-            del denom
+                u_scale = k  # u_true = k * u
+            else:
+                # CUDA & co: temporaries come from the caching allocator; fewest passes
+                if c["eps_in"] != 0:
+                    denom = torch._foreach_add(b_v, c["eps_in"])
+                    torch._foreach_sqrt_(denom)
+                else:
+                    denom = torch._foreach_sqrt(b_v)
+                if c["eps_out"] != 0:
+                    torch._foreach_add_(denom, c["eps_out"])
+                if wd != 0 and dtype != torch.float16:
+                    # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
+                    u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
+                    u_scale = wd
+                else:
+                    # u / k = m / denom + (wd / k) * w
+                    u = torch._foreach_div(b_m, denom)
+                    if wd != 0:
+                        torch._foreach_add_(u, b_params, alpha=wd / k)
+                    u_scale = k
+                del denom
             # the true u is u_scale * u: its norm and the step size carry the factor instead of a pass
             if group["adapt"]:
                 ratio = self._ratio(group, foreach_norms(b_params), u_scale * foreach_norms(u))

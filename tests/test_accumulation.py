@@ -1,0 +1,94 @@
+"""SOLVER.ACCUMULATE_STEPS: k micro-batches make the gradient of one batch k times larger (float64, no BN),
+on one worker and on 2 gloo workers under DDP (which all-reduces only the last micro-batch)."""
+import torch
+import torch.distributed as dist
+from detectron2.utils.events import EventStorage
+from torch.nn.parallel import DistributedDataParallel
+
+from distributed import run_workers
+from largebatch.engine.trainer import LargeBatchStepper
+from largebatch.optim.groups import build_param_groups
+
+IMAGES_PER_WORKER_STEP = 8  # per worker and optimizer step, in k micro-batches
+
+
+class TinyDetector(torch.nn.Module):
+    """Per-image losses averaged over the batch, as detectron2's models do; parts named like an R-CNN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Linear(5, 4).double()
+        self.proposal_generator = torch.nn.Linear(4, 3).double()
+
+    def forward(self, batch):
+        x = torch.stack([d["x"] for d in batch])
+        y = torch.stack([d["y"] for d in batch])
+        h = torch.tanh(self.backbone(x))
+        return {"loss_a": ((self.proposal_generator(h) - y) ** 2).mean(), "loss_b": h.abs().mean()}
+
+
+def _samples(rank, n):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [{"x": torch.randn(5, generator=g, dtype=torch.float64),
+             "y": torch.randn(3, generator=g, dtype=torch.float64)} for _ in range(n)]
+
+
+def _loader(samples, micro_batch):
+    while True:
+        for i in range(0, len(samples), micro_batch):
+            yield samples[i : i + micro_batch]
+
+
+def _accumulated_grads(model, samples, k, ddp=False, allreduce_calls=None):
+    """Gradients after one run_step of k micro-batches (SGD with lr 0 leaves them in place)."""
+    net = model
+    if ddp:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        net = DistributedDataParallel(model)
+
+        def counting_hook(state, bucket):  # DDP's own all-reduce, counted
+            allreduce_calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        net.register_comm_hook(None, counting_hook)
+    groups = build_param_groups(model, base_lr=0.0, weight_decay=0.0)
+    optimizer = torch.optim.SGD(groups, lr=0.0)
+    stepper = LargeBatchStepper(net, _loader(samples, len(samples) // k), optimizer, accumulate_steps=k)
+    with EventStorage(0):
+        stepper.iter = 0
+        stepper.run_step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _one_batch_grads(samples):
+    model = TinyDetector()
+    sum(model(samples).values()).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_accumulation_equals_one_big_batch_on_one_worker():
+    samples = _samples(0, IMAGES_PER_WORKER_STEP)
+    expected = _one_batch_grads(samples)
+    for k in (1, 2, 4):
+        got = _accumulated_grads(TinyDetector(), samples, k)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _ddp_worker(rank, world_size, k):
+    calls = []
+    got = _accumulated_grads(TinyDetector(), _samples(rank, IMAGES_PER_WORKER_STEP), k, ddp=True, allreduce_calls=calls)
+    # every worker computes the reference itself: the mean over workers of each worker's big batch
+    reference = [torch.zeros_like(g) for g in got]
+    for r in range(world_size):
+        for acc, g in zip(reference, _one_batch_grads(_samples(r, IMAGES_PER_WORKER_STEP))):
+            acc += g / world_size
+    return len(calls), [torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, reference)]
+
+
+def test_accumulation_under_ddp_equals_the_global_big_batch():
+    results = run_workers(_ddp_worker, 2, 4)
+    # one bucket all-reduced once: for the last of the 4 micro-batches only
+    assert results == [(1, [True, True, True, True])] * 2

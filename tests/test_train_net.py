@@ -1,0 +1,159 @@
+"""End to end through train_net.py, as a user runs it: set-up check, CLI errors, 2-worker CPU training,
+resume, eval-only and a two-"machine" launch on 127.0.0.1 (all on the embedded shapes dataset)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/shapes/sgd.yaml"
+# a few tiny iterations; score threshold 0 so that even an untrained model has detections to evaluate
+TINY = [
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+    "SOLVER.STEPS", "(3,)", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MONITOR.PERIOD", "2",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(REPO, "projects") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets"))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def train_net(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "train_net.py", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_collect_env_reports_versions():
+    from largebatch.collect_env import collect_env
+
+    text = collect_env()
+    for key in ("torch", "torchvision", "detectron2", "detectron2 compiled ops", torch.__version__):
+        assert key in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config-file", "configs/shapes/nope.yaml"], "no such file"),
+        (["--config-file", CONFIG, "SOLVER.NOT_A_KEY", "1"], "unknown config key 'SOLVER.NOT_A_KEY'"),
+        (["--config-file", CONFIG, "SOLVER.OPTIMIZER", "adam"], "SOLVER.OPTIMIZER = 'adam' is not allowed"),
+        (["--config-file", CONFIG, "SOLVER.LR_SCHEDULER_NAME", "Step"], "expected one of WarmupMultiStepLR"),
+        (["--config-file", CONFIG, "--eval-only"], "--eval-only: MODEL.WEIGHTS"),
+    ],
+)
+def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    sys.path.insert(0, REPO)
+    import train_net as cli_module
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bad_config_key_in_a_real_process_prints_no_traceback():
+    result = train_net("--config-file", CONFIG, "SOLVER.OPTIMIZER", "nadam", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: SOLVER.OPTIMIZER = 'nadam' is not allowed: expected one of SGD, ADAMW, LARS, LAMB, PMDLAMB"
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    """4 iterations on 2 CPU workers, then --resume to 6: the fixture the following tests read."""
+    out = str(tmp_path_factory.mktemp("two_workers"))
+    first = train_net("--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
+                      "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint_4 = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    resumed = train_net("--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
+                        "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return out, first, resumed, checkpoint_4
+
+
+def test_two_cpu_workers_train_with_gloo_and_ddp(two_worker_run):
+    out, first, _, checkpoint = two_worker_run
+    log = first.stdout + first.stderr
+    assert "World size: 2" in log
+    metrics = _metrics(out)
+    losses = [m["total_loss"] for m in metrics if "total_loss" in m]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    # the monitor's records from the inner loop reach metrics.json
+    assert any("grad_var/backbone" in m for m in metrics)
+    assert any("trust_ratio/backbone" in m for m in metrics)
+    # the checkpoint holds model, optimizer, scheduler and iteration (detectron2 0.6 drops the optimizer)
+    assert checkpoint["iteration"] == 3
+    assert checkpoint["_trainer"]["optimizer"]["state"], "optimizer state missing from the checkpoint"
+    assert "LRScheduler" in checkpoint["hooks"]
+    assert "bbox" in json.dumps(list(metrics[-1])) or any("bbox/AP" in m for m in metrics)
+
+
+def test_resume_continues_the_iteration_count_and_lr_curve(two_worker_run):
+    out, _, resumed, checkpoint_4 = two_worker_run
+    assert "Loading scheduler from state_dict" in resumed.stdout + resumed.stderr
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    assert final["iteration"] == 5
+    # the scheduler went on from where it stopped: 4 steps before, 2 after
+    assert checkpoint_4["hooks"]["LRScheduler"]["last_epoch"] == 4
+    assert final["hooks"]["LRScheduler"]["last_epoch"] == 6
+    lrs = {m["iteration"]: m["lr"] for m in _metrics(out) if "lr" in m}
+    assert sorted(lrs)[-1] == 5
+
+
+def test_eval_only_reproduces_the_ap_of_training(two_worker_run):
+    out, _, resumed, _ = two_worker_run
+    trained = [m for m in _metrics(out) if "bbox/AP50" in m][-1]
+    result = train_net("--eval-only", "--config-file", CONFIG, *TINY,
+                       "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", out + "/eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    line = [x for x in log.splitlines() if "copypaste: " in x and "," in x.split("copypaste: ")[1]][-1]
+    values = [float(v) for v in line.split("copypaste: ")[1].split(",")]
+    assert values[1] == pytest.approx(trained["bbox/AP50"], abs=1e-6, nan_ok=True)
+    assert values[0] == pytest.approx(trained["bbox/AP"], abs=1e-6, nan_ok=True)
+
+
+def test_two_machines_on_localhost_train_together(tmp_path):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    common = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url, "--config-file", CONFIG, *TINY,
+              "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "train_net.py", *common, "--machine-rank", str(rank), "OUTPUT_DIR", str(tmp_path / str(rank))],
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "World size: 2" in logs[0] and "Rank of current process: 1. World size: 2" in logs[1]
+    # only the global main process writes checkpoints and metrics
+    assert os.path.exists(tmp_path / "0" / "model_final.pth")
+    assert not os.path.exists(tmp_path / "1" / "model_final.pth")
