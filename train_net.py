@@ -9,6 +9,11 @@ Without GPUs, --num-gpus N starts N CPU worker processes over gloo.
 """
 import os
 import sys
+import warnings
+
+# detectron2 0.6 calls torch.jit.script and Image.LINEAR at import: noise for every user, not their concern
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="LINEAR is deprecated", category=DeprecationWarning)
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser

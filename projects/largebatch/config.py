@@ -223,6 +223,9 @@ def validate(cfg):
         betas = s[key].BETAS
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             _fail(f"SOLVER.{key}.BETAS", tuple(betas), "expected two numbers in [0, 1)")
+    if s.LR_SCALING.RULE == "linear_then_sqrt" and s.LR_SCALING.REFERENCE_BATCH > s.LR_SCALING.SQRT_ABOVE:
+        _fail("SOLVER.LR_SCALING.REFERENCE_BATCH", s.LR_SCALING.REFERENCE_BATCH,
+              f"linear_then_sqrt needs it <= SOLVER.LR_SCALING.SQRT_ABOVE ({s.LR_SCALING.SQRT_ABOVE})")
     if s.RESTARTS.CYCLE_MULT < 1:
         _fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
     if not 0 <= s.WARMUP_FACTOR <= 1:

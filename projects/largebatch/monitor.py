@@ -19,25 +19,46 @@ ADAM_STATE_KEY = "exp_avg_sq"  # the second moment, as torch's AdamW and largeba
 
 
 class ModuleLayout:
-    """The trainable parameters ordered by detector part, so that each part is one slice of a flat bucket."""
+    """The trainable parameters ordered by detector part, so that each part is one slice of a flat bucket
+    (the per-module gradient vectors G_t^(i) of AGVM eq. 3 are the slices of that bucket).
 
-    def __init__(self, param_groups: Sequence[dict]):
-        by_module: "OrderedDict[str, List[Tuple[torch.nn.Parameter, dict]]]" = OrderedDict()
-        for group in param_groups:
+    ``param_groups`` is an optimizer (preferred) or a list of its groups. Given the optimizer, ``groups``
+    always names the optimizer's current group dicts: ``Optimizer.load_state_dict`` (a resume) replaces them
+    with new dicts, and the LR scheduler then updates those, not the ones seen at construction.
+    """
+
+    def __init__(self, param_groups):
+        self._owner = param_groups if hasattr(param_groups, "param_groups") else None
+        source = list(self._owner.param_groups if self._owner is not None else param_groups)
+        by_module: "OrderedDict[str, List[Tuple[torch.nn.Parameter, int]]]" = OrderedDict()
+        for index, group in enumerate(source):
             for p in group["params"]:
-                by_module.setdefault(group["module"], []).append((p, group))
+                by_module.setdefault(group["module"], []).append((p, index))
         self.params: List[torch.nn.Parameter] = []
-        self.groups: List[dict] = []
+        self._group_index: List[int] = []
         self.slices: "OrderedDict[str, slice]" = OrderedDict()
         start = 0
         for module, entries in by_module.items():
             size = sum(p.numel() for p, _ in entries)
             self.slices[module] = slice(start, start + size)
             start += size
-            for p, g in entries:
+            for p, index in entries:
                 self.params.append(p)
-                self.groups.append(g)
+                self._group_index.append(index)
         self.numel = start
+        self.sizes: List[int] = [p.numel() for p in self.params]
+        self._source = source if self._owner is None else None
+        self._groups: Optional[List[dict]] = None
+        self._groups_of = None  # the param_groups list ``_groups`` was resolved from
+
+    @property
+    def groups(self) -> List[dict]:
+        """The param group of every parameter of ``params`` (same order)."""
+        current = self._owner.param_groups if self._owner is not None else self._source
+        if self._groups is None or self._groups_of is not current:
+            self._groups = [current[i] for i in self._group_index]
+            self._groups_of = current
+        return self._groups
 
     @property
     def modules(self) -> List[str]:
@@ -48,59 +69,61 @@ class ModuleLayout:
         device = self.params[0].device
         dtype = torch.promote_types(dtype, self.params[0].dtype)
         out = torch.empty(self.numel, device=device, dtype=dtype)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                out[offset : offset + n].zero_()
-            else:
-                out[offset : offset + n].copy_(p.grad.reshape(-1))
-            offset += n
-        return out
+        pieces = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(n, device=device, dtype=dtype)
+            for p, n in zip(self.params, self.sizes)
+        ]
+        return torch.cat(pieces, out=out)  # one kernel instead of a copy per tensor
 
     def write_grads(self, flat: torch.Tensor) -> None:
         """Copy ``flat`` back into the parameters' gradients (creating them where missing)."""
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            view = flat[offset : offset + n].view_as(p)
+        views = [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
+        have = [(p.grad, v) for p, v in zip(self.params, views) if p.grad is not None]
+        if have:
+            torch._foreach_copy_([g for g, _ in have], [v for _, v in have])
+        for p, v in zip(self.params, views):
             if p.grad is None:
-                p.grad = view.to(p.dtype).clone()
-            else:
-                p.grad.copy_(view)
-            offset += n
+                p.grad = v.to(p.dtype, copy=True)
 
     def adam_normalize(self, flat: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """g / (sqrt(beta2 * v + (1 - beta2) * g^2) + eps) per element, v = the optimizer's second moment
         before this step (0 before the first): the Adam-normalised gradient on which the official AGVM code
-        measures Phi for Adam-family optimizers."""
+        measures Phi (eq. 3) for Adam-family optimizers (AdamW, LAMB, PMD-LAMB)."""
         state = optimizer.state
-        v = torch.zeros_like(flat)
-        beta2 = torch.empty_like(flat)
-        eps = torch.empty_like(flat)
-        offset = 0
-        for p, g in zip(self.params, self.groups):
-            n = p.numel()
-            sq = state.get(p, {}).get(ADAM_STATE_KEY)
-            if sq is not None:
-                v[offset : offset + n].copy_(sq.reshape(-1))
-            beta2[offset : offset + n] = g["betas"][1]
-            eps[offset : offset + n] = g["eps"]
-            offset += n
+        v = torch.cat([
+            sq.reshape(-1).to(flat.dtype) if sq is not None else torch.zeros(n, device=flat.device, dtype=flat.dtype)
+            for sq, n in ((state.get(p, {}).get(ADAM_STATE_KEY), n) for p, n in zip(self.params, self.sizes))
+        ])
+        sizes = torch.tensor(self.sizes, device=flat.device)
+        groups = self.groups
+        beta2 = torch.tensor([g["betas"][1] for g in groups], dtype=flat.dtype, device=flat.device)
+        eps = torch.tensor([g["eps"] for g in groups], dtype=flat.dtype, device=flat.device)
+        beta2 = beta2.repeat_interleave(sizes)
+        eps = eps.repeat_interleave(sizes)
         return flat / ((beta2 * v + (1 - beta2) * flat * flat).sqrt() + eps)
 
 
 def cosine_variance(g1: torch.Tensor, g2: torch.Tensor, slices: Dict[str, slice]) -> torch.Tensor:
-    """Phi_i = 1 - cos(g1_i, g2_i) for every part's slice, as one float64 tensor (order of ``slices``).
+    """AGVM eq. 3 without eta^2: Phi_i = 1 - cos(g1_i, g2_i) for every part's slice, as one float64 tensor
+    (order of ``slices``).
 
     A part whose gradient is zero in either half carries no direction: its Phi is 1 (cos taken as 0).
+    The three sums <g1, g2>, |g1|^2, |g2|^2 are taken in the gradients' dtype with torch's cascade summation
+    (not BLAS dot, whose float32 accumulator is ~1e-5 off on a million entries) and combined in float64: Phi is
+    within ~1e-7 of a float64 computation, far below the 1e-6 that eq. 4 adds, without a float64 copy of the
+    gradients (which cost more than the rest of a measurement).
     """
     phis = []
     for sl in slices.values():
-        a, b = g1[sl].double(), g2[sl].double()
-        denom = a.norm() * b.norm()
-        cos = torch.where(denom > 0, torch.dot(a, b) / denom.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-        phis.append(1.0 - cos)
+        a, b = g1[sl], g2[sl]
+        sums = [(x * y).sum().double() for x, y in ((a, b), (a, a), (b, b))]
+        if not all(torch.isfinite(v) for v in sums):  # float32 overflow of the squares: redo it in float64
+            a, b = a.double(), b.double()
+            sums = [(x * y).sum() for x, y in ((a, b), (a, a), (b, b))]
+        dot, aa, bb = sums
+        denom = (aa * bb).sqrt()
+        cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        phis.append(1.0 - cos.clamp(-1.0, 1.0))
     return torch.stack(phis)
 
 
@@ -124,19 +147,29 @@ class HalfGroupReducer:
         return (first, second) if rank < self.split else (second, first)
 
     def reduce(self, layout: ModuleLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All-reduce the local gradients: p.grad becomes the global mean; returns (G1, G2) flat vectors."""
+        """All-reduce the local gradients: p.grad becomes the global mean; returns (G1, G2) flat vectors,
+        the mean gradients of ranks [0, W/2) and [W/2, W) (the two groups of AGVM eq. 3).
+
+        Called after a backward without DDP's all-reduce. One flat bucket: the sum over the worker's own half
+        (the one extra all-reduce, within the half group; none when that half is this worker alone) runs
+        concurrently with the global sum (what DDP would have done). The other half's sum is the global sum
+        minus the own half's.
+        """
         rank = dist.get_rank()
+        in_first = rank < self.split
+        n_own, n_other = self.half_sizes(rank)
         local = layout.flat_grads()
         own = local.clone()
-        dist.all_reduce(own, group=self.halves[0 if rank < self.split else 1])  # the one extra all-reduce
-        dist.all_reduce(local)  # what DDP would have done
-        n_own, n_other = self.half_sizes(rank)
-        global_mean = local.div_(self.world_size)
-        layout.write_grads(global_mean)
+        work = None
+        if n_own > 1:  # the one extra all-reduce
+            work = dist.all_reduce(own, group=self.halves[0 if in_first else 1], async_op=True)
+        dist.all_reduce(local)  # what DDP would have done: the global sum
+        if work is not None:
+            work.wait()
+        other = (local - own).div_(n_other)  # the other half's sum, then its mean
+        layout.write_grads(local.div_(self.world_size))  # the exact global mean is what the step uses
         own.div_(n_own)
-        # sum over the other half = global sum - own half's sum
-        other = (global_mean * self.world_size - own * n_own).div_(n_other)
-        return (own, other) if rank < self.split else (other, own)
+        return (own, other) if in_first else (other, own)
 
 
 def broadcast_from_main(values: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,46 @@
 """``MonitorHook``: per-layer and per-part trust ratios and local LRs, and the divergence jump check.
 
-Every MONITOR.PERIOD iterations, right after the optimizer step and before the LR scheduler moves on:
-- the trust ratio of every layer: the one LARS / LAMB / PMD-LAMB used in the step (read from the
-  optimizer, not recomputed), else ||w|| / ||g|| (SGD, AdamW; LargeDet Fig. 3) from the gradient norms
-  the trainer already took for its finiteness check;
-- local LR = the LR the layer's group stepped with (times AGVM's mu) x trust ratio (CoolDet Fig. 1, 4, 5);
-- per-part mean / min / max into EventStorage (metrics.json, TensorBoard), per-layer values into
-  OUTPUT_DIR/layer_stats.jsonl on the main process (the parameter names once, in the first line);
-- a part whose gradient norm or mean trust ratio grew more than MONITOR.DIVERGENCE_FACTOR times since the
-  previous record, or became non-finite, stops training with one error naming the iteration and the parts.
-The gradient variance (grad_var/<part>) is measured by the trainer's inner loop, where gradients are.
+On every MONITOR.PERIOD-th iteration (``iter % PERIOD == 0``), and on no other, right after the optimizer
+step and before the LR scheduler moves on (the trainer inserts the hook right after the IterationTimer):
+
+- the trust ratio of every layer (parameter tensor):
+  * LARS / LAMB / PMD-LAMB (also under AGVM or gradient clipping): the ratio the optimizer used in this
+    step, read from its ``last_trust_ratios()``, never recomputed (LARS: its local LR
+    ``eta * ||w|| / (||g|| + beta * ||w||)``; LAMB: ``||w|| / ||u||``; PMD-LAMB: ``||w|| / ||u||`` without
+    its ``scale``); 1.0 in ``adapt=False`` groups, as the optimizer applied it;
+  * any other optimizer (SGD, AdamW): LargeDet's ratio ``||w|| / ||g||`` (Fig. 3), 1.0 where a norm is 0.
+    ``g`` is the gradient the step used (global mean over the workers, unscaled, before gradient clipping);
+    its norms are the ones the trainer already took for its finiteness check (``stepper.grad_norms``).
+    ``w`` is the weight that gradient was taken at, i.e. *before* the step: its norms are taken in
+    ``before_step`` of a recording iteration (one fused ``_foreach_norm``), so that ratio and gradient
+    belong to the same point, as for LARS / LAMB, which also use the pre-step weights;
+- local LR = the LR the layer's param group stepped with (the scheduler's LR, times AGVM's mu where AGVM
+  applied it) x trust ratio (CoolDet Fig. 1, 4, 5);
+- per part (backbone, fpn, rpn, box_head, ...): ``trust_ratio/<part>`` and ``local_lr/<part>`` (means over
+  the part's layers, i.e. its trainable parameter tensors, ``adapt=False`` ones with the 1.0 the optimizer
+  used; layers without a gradient are left out) and ``trust_ratio_min|max/<part>``,
+  ``local_lr_min|max/<part>`` into EventStorage (metrics.json, TensorBoard), with ``smoothing_hint=False``;
+- per layer, on the main process only, one compact JSON line per record appended to
+  ``OUTPUT_DIR/layer_stats.jsonl``; the first line names the layers once (see ``LAYER_STATS_FORMAT``);
+- the jump check: a part whose gradient norm or mean trust ratio became non-finite, or grew more than
+  MONITOR.DIVERGENCE_FACTOR times since the previous record, stops training with one FloatingPointError
+  naming the iteration and the parts. It runs before the PeriodicCheckpointer hook, so nothing of the
+  diverged iteration is saved: ``--resume`` uses the last good checkpoint. (Non-finite losses and gradients
+  are caught earlier, every iteration and before the step, by ``LargeBatchStepper._check_finite``.)
+
+The gradient variance ``grad_var/<part>`` is measured by the trainer's inner loop, where the per-worker
+gradients are (``LargeBatchStepper._measure_variance``, every MONITOR.PERIOD iterations as well).
+
+All values are identical on every worker (the gradients are all-reduced, the weights replicated), so every
+worker takes the same decision in the jump check. Work is done only on recording iterations, with tensor
+ops over all layers at once; the per-layer to per-part mapping is built once, in ``before_train``.
 """
 import json
+import logging
 import math
 import os
-from collections import OrderedDict
-from typing import Dict, List
+import tempfile
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.engine import HookBase
@@ -23,120 +48,269 @@ from detectron2.utils import comm
 
 from ..optim import AGVM
 
+logger = logging.getLogger("largebatch")
 
-def _part_stats(values: torch.Tensor, parts: List[str]) -> "OrderedDict[str, tuple]":
-    """(mean, min, max) of the finite-or-inf (not NaN: no gradient) values of each part."""
-    out = OrderedDict()
-    for part in OrderedDict.fromkeys(parts):
-        mask = torch.tensor([p == part for p in parts]) & ~torch.isnan(values)
-        if mask.any():
-            v = values[mask]
-            out[part] = (v.mean().item(), v.min().item(), v.max().item())
-    return out
+#: Layout of ``layer_stats.jsonl``. Line 1, once: ``{"format": LAYER_STATS_FORMAT, "names": [layer names],
+#: "parts": [part of each layer], "groups": [optimizer param-group index of each layer], "ratio":
+#: "optimizer" | "weight_grad_norm", "optimizer": class name, "period": MONITOR.PERIOD}``. Then one line
+#: per record: ``{"iter": i, "lr": [LR each param group stepped with], "trust_ratio": [one per layer]}``,
+#: plus ``"grad_var": {part: Phi}`` when the trainer measured Phi in that iteration. Values have 6
+#: significant digits; ``null`` marks a layer without gradient (or a non-finite value). Strict JSON (no
+#: NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k]. metrics.json and TensorBoard only
+#: get the latest value of each scalar every 20 iterations (detectron2's writers): this file has every record.
+LAYER_STATS_FORMAT = "largebatch.layer_stats/1"
+LAYER_STATS_FILE = "layer_stats.jsonl"
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def _compact(values: torch.Tensor) -> List[Optional[float]]:
+    """6 significant digits; None (JSON null) for NaN / inf."""
+    return [float(f"{v:.6g}") if math.isfinite(v) else None for v in values.tolist()]
+
+
+def segment_stats(values: torch.Tensor, index: torch.Tensor, n: int):
+    """(count, mean, min, max) of ``values`` per segment ``index`` (0 <= index < n), NaN values left out.
+    Segments without a value have count 0 (and NaN statistics)."""
+    valid = ~torch.isnan(values)
+    v, i = values[valid], index[valid]
+    count = torch.bincount(i, minlength=n)
+    nan = torch.full((n,), float("nan"), dtype=values.dtype)
+    mean = nan.clone().scatter_reduce_(0, i, v, "mean", include_self=False)
+    lo = nan.clone().scatter_reduce_(0, i, v, "amin", include_self=False)
+    hi = nan.clone().scatter_reduce_(0, i, v, "amax", include_self=False)
+    return count, mean, lo, hi
+
+
+def records_trust_ratios(optimizer) -> bool:
+    """Whether the optimizer reports the ratios its step used (LARS, LAMB, PMD-LAMB, also inside AGVM)."""
+    getter = getattr(optimizer, "last_trust_ratios", None)
+    return callable(getter) and getter() is not None
 
 
 class MonitorHook(HookBase):
     def __init__(self, cfg):
-        self.period = cfg.MONITOR.PERIOD
-        self.trust_ratio = cfg.MONITOR.TRUST_RATIO
-        self.per_layer = cfg.MONITOR.PER_LAYER and comm.is_main_process()
-        self.factor = cfg.MONITOR.DIVERGENCE_FACTOR
-        self.path = os.path.join(cfg.OUTPUT_DIR, "layer_stats.jsonl")
-        self.previous: Dict[str, Dict[str, float]] = {}  # part -> {"grad_norm", "trust_ratio"} of the last record
+        monitor = cfg.MONITOR
+        self.period = int(monitor.PERIOD)
+        self.trust_ratio = bool(monitor.TRUST_RATIO)
+        self.per_layer = bool(monitor.PER_LAYER)
+        self.factor = float(monitor.DIVERGENCE_FACTOR)
+        self.path = os.path.join(cfg.OUTPUT_DIR, LAYER_STATS_FILE)
+        # part -> {"grad_norm": ..., "trust_ratio": ...} of the last record, and its iteration
+        self.previous: Dict[str, Dict[str, float]] = {}
+        self.previous_iter: Optional[int] = None
+        self._w_norms: Optional[torch.Tensor] = None
 
+    # -- set-up, once -------------------------------------------------------------------------------------
     def before_train(self):
-        stepper = self.trainer._trainer
-        self.stepper = stepper
-        self.layout = stepper.layout
-        self.names = self._param_names()
-        if self.per_layer and not os.path.exists(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"names": self.names, "parts": [g["module"] for g in self.layout.groups]}) + "\n")
+        self.stepper = self.trainer._trainer
+        self.layout = self.stepper.layout
+        self.optimizer = self.stepper.optimizer
+        groups = self.optimizer.param_groups
+        # params are matched by identity: the group dicts themselves are replaced by optimizer.load_state_dict
+        where = {id(p): (gi, j) for gi, g in enumerate(groups) for j, p in enumerate(g["params"])}
+        loc = [where[id(p)] for p in self.layout.params]
+        offsets = [0]
+        for g in groups:
+            offsets.append(offsets[-1] + len(g["params"]))
+        self.parts: List[str] = list(dict.fromkeys(groups[gi]["module"] for gi, _ in loc))
+        part_id = {part: i for i, part in enumerate(self.parts)}
+        self.layer_parts = [groups[gi]["module"] for gi, _ in loc]
+        self.part_index = torch.tensor([part_id[part] for part in self.layer_parts], dtype=torch.long)
+        self.group_index = torch.tensor([gi for gi, _ in loc], dtype=torch.long)
+        # position of each layout param in the concatenation of last_trust_ratios() (optimizer group order)
+        self.ratio_order = torch.tensor([offsets[gi] + j for gi, j in loc], dtype=torch.long)
+        self.names = [
+            groups[gi]["param_names"][j] if "param_names" in groups[gi] else f"group{gi}.param{j}" for gi, j in loc
+        ]
+        self.from_optimizer = records_trust_ratios(self.optimizer)
+        self.write_layers = self.trust_ratio and self.per_layer and comm.is_main_process()
+        if self.write_layers:
+            self._start_layer_file(self.trainer.start_iter)
 
-    def _param_names(self) -> List[str]:
-        index = {id(p): name for g in self.stepper.optimizer.param_groups for p, name in zip(g["params"], g["param_names"])}
-        return [index[id(p)] for p in self.layout.params]
+    def _header(self) -> dict:
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # AGVM's wrapped optimizer
+        name = type(base).__name__
+        if name.endswith("WithGradientClip"):  # detectron2's maybe_add_gradient_clipping subclass
+            name = type(base).__mro__[1].__name__
+        return {
+            "format": LAYER_STATS_FORMAT,
+            "names": self.names,
+            "parts": self.layer_parts,
+            "groups": self.group_index.tolist(),
+            "ratio": "optimizer" if self.from_optimizer else "weight_grad_norm",
+            "optimizer": name,
+            "period": self.period,
+        }
 
-    def _ratios_in_layout_order(self) -> torch.Tensor:
-        """Trust ratio of every parameter in the layout's order (NaN where it had no gradient)."""
-        optimizer = self.stepper.optimizer
-        getter = getattr(optimizer, "last_trust_ratios", None)
-        recorded = getter() if getter is not None else None
-        if recorded is not None and all(r is not None for r in recorded):
-            by_param = {}
-            for group, ratios in zip(optimizer.param_groups, recorded):
-                for p, r in zip(group["params"], ratios.float().cpu().tolist()):
-                    by_param[id(p)] = r
-            return torch.tensor([by_param[id(p)] for p in self.layout.params])
-        # ||w|| / ||g||, with the gradient norms the trainer took this iteration
-        params = self.layout.params
-        has_grad = [p.grad is not None for p in params]
-        w = torch.stack(torch._foreach_norm([p.detach() for p, h in zip(params, has_grad) if h])).float().cpu()
-        g = self.stepper.grad_norms.float().cpu()
-        ratio = torch.where((w > 0) & (g > 0), w / g.clamp_min(1e-30), torch.ones_like(w))
-        out = torch.full((len(params),), float("nan"))
-        out[torch.tensor(has_grad)] = ratio
-        return out
+    def _start_layer_file(self, start_iter: int) -> None:
+        """A new file whose first line is the header; on resume, the existing file's records before
+        ``start_iter`` are kept (those after it are being redone), if its header names the same layers."""
+        header = self._header()
+        kept: List[str] = []
+        if start_iter > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            try:
+                old = json.loads(lines[0]) if lines else {}
+            except ValueError:
+                old = {}
+            if all(old.get(k) == header[k] for k in ("format", "names", "parts", "groups")):
+                for line in lines[1:]:
+                    try:
+                        if json.loads(line)["iter"] < start_iter:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        break  # a line cut short by a crash: nothing after it is kept
+            else:
+                logger.warning("%s describes other layers: starting it anew", self.path)
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=LAYER_STATS_FILE + ".", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join([_dumps(header)] + kept) + "\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
-    def _lrs_in_layout_order(self) -> torch.Tensor:
-        optimizer = self.stepper.optimizer
-        mu = optimizer.mu if isinstance(optimizer, AGVM) and optimizer.iteration > optimizer.start_iter else {}
-        return torch.tensor([g["lr"] * mu.get(g["module"], 1.0) for g in self.layout.groups], dtype=torch.float64)
+    # -- every iteration: one modulo, nothing else ----------------------------------------------------------
+    def before_step(self):
+        if self.trust_ratio and not self.from_optimizer and self.trainer.iter % self.period == 0:
+            # ||w|| before the step: the weights the gradient of this iteration is taken at
+            with torch.no_grad():
+                norms = torch._foreach_norm([p.detach() for p in self.layout.params])
+            self._w_norms = torch.stack([n.float() for n in norms]).to("cpu", torch.float64)
 
     def after_step(self):
         iteration = self.trainer.iter
-        if iteration % self.period != 0 or not self.trust_ratio:
+        if iteration % self.period != 0:
             return
-        parts = [g["module"] for g in self.layout.groups]
-        ratios = self._ratios_in_layout_order().double()
-        lrs = self._lrs_in_layout_order()
-        local_lr = lrs * ratios
-        storage = self.trainer.storage
-        ratio_stats = _part_stats(ratios, parts)
-        for name, stats in (("trust_ratio", ratio_stats), ("local_lr", _part_stats(local_lr, parts))):
-            for part, (mean, lo, hi) in stats.items():
-                storage.put_scalar(f"{name}/{part}", mean, smoothing_hint=False)
-                storage.put_scalar(f"{name}_min/{part}", lo, smoothing_hint=False)
-                storage.put_scalar(f"{name}_max/{part}", hi, smoothing_hint=False)
-        grad_norms = self._part_grad_norms(parts)
-        if self.per_layer:
-            record = {"iter": iteration, "lr": lrs.tolist(), "trust_ratio": ratios.tolist()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, allow_nan=True) + "\n")
-        self._check_jumps(iteration, ratio_stats, grad_norms)
+        grad_norms = self._grad_norms()
+        if grad_norms is None:
+            return
+        n = len(self.parts)
+        has_grad = ~torch.isnan(grad_norms)
+        part_grad = torch.zeros(n, dtype=torch.float64).index_add_(
+            0, self.part_index[has_grad], grad_norms[has_grad].square()
+        ).sqrt_()
+        if not torch.isfinite(part_grad).all():
+            # only with AMP (otherwise the trainer has stopped already): GradScaler skipped this step
+            logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded", iteration)
+            return
+        part_has_grad = torch.bincount(self.part_index[has_grad], minlength=n) > 0
+        current = {
+            part: {"grad_norm": part_grad[i].item()} for i, part in enumerate(self.parts) if part_has_grad[i]
+        }
+        if self.trust_ratio:
+            ratios = self._trust_ratios(grad_norms, has_grad)
+            lrs = self._step_lrs()
+            local_lr = lrs[self.group_index] * ratios
+            storage = self.trainer.storage
+            for key, values in (("trust_ratio", ratios), ("local_lr", local_lr)):
+                count, mean, lo, hi = segment_stats(values, self.part_index, n)
+                for i, part in enumerate(self.parts):
+                    if count[i] == 0:
+                        continue
+                    if key == "trust_ratio" and part in current:
+                        current[part]["trust_ratio"] = mean[i].item()
+                    storage.put_scalar(f"{key}/{part}", mean[i].item(), smoothing_hint=False)
+                    storage.put_scalar(f"{key}_min/{part}", lo[i].item(), smoothing_hint=False)
+                    storage.put_scalar(f"{key}_max/{part}", hi[i].item(), smoothing_hint=False)
+            if self.write_layers:
+                record = {"iter": iteration, "lr": _compact(lrs), "trust_ratio": _compact(ratios)}
+                phi = self._phi_of(iteration)
+                if phi:
+                    record["grad_var"] = dict(zip(phi, _compact(torch.tensor(list(phi.values())))))
+                with open(self.path, "a") as f:
+                    f.write(_dumps(record) + "\n")
+        self._check_jumps(iteration, current)
 
-    def _part_grad_norms(self, parts: List[str]) -> Dict[str, float]:
-        norms = self.stepper.grad_norms.double().cpu()
-        with_grad = [part for part, p in zip(parts, self.layout.params) if p.grad is not None]
-        out = {}
-        for part in OrderedDict.fromkeys(with_grad):
-            mask = torch.tensor([q == part for q in with_grad])
-            out[part] = norms[mask].square().sum().sqrt().item()
+    # -- the values ------------------------------------------------------------------------------------------
+    def _grad_norms(self) -> Optional[torch.Tensor]:
+        """||g|| of every layer (layout order, float64, NaN: no gradient), from the trainer's finiteness check."""
+        params = self.layout.params
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.bool)
+        if not has_grad.any():
+            return None
+        norms = self.stepper.grad_norms
+        if norms is None or norms.numel() != int(has_grad.sum()):  # not taken by this trainer: take them
+            norms = torch.stack([n.float() for n in torch._foreach_norm([p.grad for p in params if p.grad is not None])])
+        out = torch.full((len(params),), float("nan"), dtype=torch.float64)
+        out[has_grad] = norms.to("cpu", torch.float64)
         return out
 
-    def _check_jumps(self, iteration, ratio_stats, grad_norms):
-        current = {
-            part: {"grad_norm": grad_norms.get(part, float("nan")), "trust_ratio": ratio_stats[part][0]}
-            for part in ratio_stats
-        }
+    def _trust_ratios(self, grad_norms: torch.Tensor, has_grad: torch.Tensor) -> torch.Tensor:
+        """Trust ratio of every layer in layout order (float64, NaN where the layer had no gradient)."""
+        if self.from_optimizer:
+            recorded = self.optimizer.last_trust_ratios()
+            if recorded is not None and all(r is not None for r in recorded):
+                flat = torch.cat([r.to("cpu", torch.float64) for r in recorded])
+                return flat[self.ratio_order]
+        w = self._w_norms
+        if w is None:  # no before_step on this iteration (driven by hand): the post-step weights
+            w = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in self.layout.params])])
+            w = w.to("cpu", torch.float64)
+        self._w_norms = None
+        g = grad_norms
+        ratio = torch.where((w > 0) & (g > 0), w / g, torch.ones_like(w))
+        return torch.where(has_grad, ratio, torch.full_like(ratio, float("nan")))
+
+    def _phi_of(self, iteration: int) -> Optional[Dict[str, float]]:
+        """grad_var/<part> the trainer measured in this iteration, if it did."""
+        measured = getattr(self.stepper, "is_measurement_iter", None)
+        if measured is None or not measured(iteration):
+            return None
+        return getattr(self.stepper, "last_phi", None)
+
+    def _step_lrs(self) -> torch.Tensor:
+        """The LR each optimizer param group stepped with (AGVM's mu included where it applied it)."""
+        opt = self.optimizer
+        mu = opt.mu if isinstance(opt, AGVM) and opt.iteration > opt.start_iter else {}
+        return torch.tensor([g["lr"] * mu.get(g["module"], 1.0) for g in opt.param_groups], dtype=torch.float64)
+
+    # -- divergence -------------------------------------------------------------------------------------------
+    def _check_jumps(self, iteration: int, current: Dict[str, Dict[str, float]]) -> None:
         bad = []
         for part, values in current.items():
             for key, value in values.items():
+                label = "gradient norm" if key == "grad_norm" else "trust ratio"
                 before = self.previous.get(part, {}).get(key)
-                if math.isinf(value) or (
-                    self.factor > 0 and before is not None and before > 0 and value > self.factor * before
+                if not math.isfinite(value):
+                    bad.append(f"{part} {label} became {value}")
+                elif (
+                    self.factor > 0 and before is not None and math.isfinite(before) and before > 0
+                    and value > self.factor * before
                 ):
-                    bad.append(f"{part} {key} {before if before is not None else 'n/a'} -> {value:.4g}")
+                    bad.append(
+                        f"{part} {label} jumped {before:.4g} -> {value:.4g} (x{value / before:.3g} since "
+                        f"iteration {self.previous_iter})"
+                    )
         if bad:
             raise FloatingPointError(
-                f"Training diverged at iteration {iteration}: {'; '.join(bad)} (MONITOR.DIVERGENCE_FACTOR "
-                f"{self.factor:g}). The last good checkpoint is the one --resume uses."
+                f"Training diverged at iteration {iteration}: {'; '.join(bad)} "
+                f"(MONITOR.DIVERGENCE_FACTOR = {self.factor:g}). Stopped before this iteration was "
+                f"checkpointed: {self._last_checkpoint_note()}"
             )
         self.previous = current
+        self.previous_iter = iteration
+
+    def _last_checkpoint_note(self) -> str:
+        try:
+            checkpointer = self.trainer.checkpointer
+            if checkpointer.has_checkpoint():
+                return f"--resume continues from the last good checkpoint, {checkpointer.get_checkpoint_file()}."
+            return "no checkpoint had been saved yet."
+        except Exception:  # a trainer without a checkpointer (tests, benchmarks)
+            return "--resume continues from the last good checkpoint."
 
     def state_dict(self):
-        return {"previous": self.previous}
+        return {"previous": self.previous, "previous_iter": self.previous_iter}
 
     def load_state_dict(self, state_dict):
-        self.previous = state_dict.get("previous", {})
+        self.previous = dict(state_dict.get("previous", {}))
+        self.previous_iter = state_dict.get("previous_iter")

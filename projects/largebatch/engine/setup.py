@@ -1,10 +1,13 @@
 """Config set-up shared by train_net.py, the tools and the tests."""
+import difflib
 import logging
 import os
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .. import modeling  # noqa: F401  (registers build_small_resnet_fpn_backbone)
 from ..config import ConfigError, add_largebatch_config, validate
@@ -28,10 +31,11 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
                           ("command line", lambda: cfg.merge_from_list(list(opts)))):
         try:
             merge()
-        except KeyError as e:  # yacs: "Non-existent config key: X"
-            raise ConfigError(f"{source}: unknown config key {str(e.args[0]).split(':')[-1].strip()!r}") from None
-        except (ValueError, AssertionError, TypeError) as e:
-            raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
+        except (KeyError, AssertionError, ValueError, TypeError) as e:
+            message = str(e.args[0] if e.args else e).splitlines()[0]
+            if "Non-existent" in message:  # yacs, for files (KeyError) and for KEY VALUE lists (AssertionError)
+                raise ConfigError(_unknown_key_message(cfg, source, message.split(":")[-1].strip())) from None
+            raise ConfigError(f"{source}: {message}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # not silent: said in the log and shown in the saved config
         logger.warning("MODEL.DEVICE=%s but no GPU is available: training on CPU, %d gloo worker(s)",
@@ -41,6 +45,20 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         raise ConfigError("SOLVER.AMP.ENABLED = True is not allowed on CPU: AMP needs a GPU")
     validate(cfg)
     return cfg
+
+
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key_message(cfg, source, key):
+    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else " (see largebatch/config.py and detectron2's defaults)"
+    return f"{source}: unknown config key {key!r}{hint}"
 
 
 def register_datasets(cfg):
@@ -57,5 +75,7 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
     cfg.freeze()
     default_setup(cfg, args)
+    # largebatch's own log lines (LR scaling, epoch conversion, BN size, optimizer groups) into log.txt too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="largebatch", abbrev_name="lb")
     register_datasets(cfg)
     return cfg

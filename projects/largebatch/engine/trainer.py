@@ -5,6 +5,7 @@ backward pass and before the optimizer step. It accumulates micro-batches, measu
 variance on measurement iterations (for AGVM and the monitor), stops on non-finite losses or gradients,
 and handles AMP itself, so every feature sees unscaled gradients.
 """
+import inspect
 import logging
 import os
 import tempfile
@@ -92,7 +93,7 @@ class LargeBatchStepper(SimpleTrainer):
         self.accumulate_steps = accumulate_steps
         self.variance_period = variance_period
         self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
-        self.layout = ModuleLayout(optimizer.param_groups)
+        self.layout = ModuleLayout(optimizer)  # follows the optimizer's groups across load_state_dict
         self.world_size = comm.get_world_size()
         self.reducer = HalfGroupReducer(self.world_size) if self.world_size > 1 else None
         self.agvm = optimizer if isinstance(optimizer, AGVM) else None
@@ -145,6 +146,10 @@ class LargeBatchStepper(SimpleTrainer):
         if measure:
             self._measure_variance(g1, g2)
         self._write_metrics(loss_dict, data_time)
+        if self.agvm is not None:
+            # AGVM applies mu from its start_iter on by its step count: keep that count on the trainer's
+            # iteration (a resume from a checkpoint without AGVM, a step GradScaler skipped)
+            self.agvm.iteration = self.iter
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -168,28 +173,39 @@ class LargeBatchStepper(SimpleTrainer):
         return g1, g2
 
     def _check_finite(self, loss_dict):
-        """Stop within this iteration, before the step, naming the parts whose gradients are not finite."""
-        grads = [p.grad for p in self.layout.params if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else torch.zeros(0)
+        """The divergence guard, every iteration, before the step: a non-finite loss or gradient stops
+        training with one FloatingPointError naming the iteration, the parts whose gradients (and weights)
+        are not finite and the non-finite losses. Nothing of this iteration is applied or checkpointed.
+        Keeps the per-parameter gradient norms (``self.grad_norms``, layout order, parameters with a
+        gradient only) for the monitor. One host sync for all the checks."""
+        with_grad = [p for p in self.layout.params if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else torch.zeros(0)
         self.grad_norms = norms
-        losses_finite = all(torch.isfinite(v).all() for v in loss_dict.values())
-        if self.grad_scaler is not None:
-            # GradScaler skips steps whose scaled gradients overflowed: that is not a divergence
-            grads_finite = True
-        else:
-            grads_finite = bool(torch.isfinite(norms).all())
-        if losses_finite and grads_finite:
+        checked = [v.detach().reshape(-1).float().to(norms.device) for v in loss_dict.values()]
+        if self.grad_scaler is None:  # GradScaler skips steps whose scaled gradients overflowed: no divergence
+            checked.append(norms)
+        if not checked or bool(torch.isfinite(torch.cat(checked)).all()):
             return
-        bad_parts = []
-        if not grads_finite:
-            with_grad = [g for p, g in zip(self.layout.params, self.layout.groups) if p.grad is not None]
-            finite = torch.isfinite(norms).tolist()
-            bad_parts = sorted({g["module"] for g, ok in zip(with_grad, finite) if not ok})
-        losses = {k: float(v) for k, v in loss_dict.items()}
+        part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
+        parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
+
+        def non_finite(params, values):
+            bad = {part_of[id(p)] for p, ok in zip(params, torch.isfinite(values).tolist()) if not ok}
+            return [part for part in parts if part in bad]
+
+        bad_grads = non_finite(with_grad, norms) if self.grad_scaler is None else []
+        with torch.no_grad():
+            weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.layout.params])).float()
+        bad_weights = non_finite(self.layout.params, weight_norms)
+        bad_losses = [f"{k}={v.detach().float().sum().item():g}" for k, v in loss_dict.items()
+                      if not bool(torch.isfinite(v.detach()).all())]
+        found = ([f"non-finite gradients in {', '.join(bad_grads)}"] if bad_grads else []) + (
+            [f"non-finite weights in {', '.join(bad_weights)}"] if bad_weights else []) + (
+            [f"non-finite losses {', '.join(bad_losses)}"] if bad_losses else [])
         raise FloatingPointError(
-            f"Training diverged at iteration {self.iter}: "
-            + (f"non-finite gradients in {', '.join(bad_parts)}; " if bad_parts else "")
-            + f"losses {losses}. The last good checkpoint is the one --resume uses."
+            f"Training diverged at iteration {self.iter}: {'; '.join(found)}. Stopped before the optimizer "
+            "step: nothing of this iteration was applied or checkpointed, and --resume continues from the last "
+            "good checkpoint (OUTPUT_DIR/last_checkpoint)."
         )
 
     def _measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> None:
@@ -263,6 +279,9 @@ class LargeBatchTrainer(DefaultTrainer):
         if comm.get_world_size() == 1:
             return model
         device_ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
+        # no buffer broadcast in forward: BN statistics are per worker (or per SyncBN group) by design
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.14
+            return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
     @classmethod
@@ -273,6 +292,16 @@ class LargeBatchTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate with the main process's BN statistics on every worker: they are what the checkpoint
+        holds (DDP does not broadcast buffers, and plain or group-synced BN differs between workers), so
+        --eval-only of a checkpoint reproduces the AP reported during training."""
+        if comm.get_world_size() > 1:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

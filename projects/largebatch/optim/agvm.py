@@ -13,11 +13,14 @@ forgets mu on resume).
 
 Plain PyTorch: no detectron2 import here.
 """
+import logging
 import math
 from collections import OrderedDict
 from typing import Dict, Tuple
 
 import torch
+
+logger = logging.getLogger("largebatch")
 
 
 class AGVM(torch.optim.Optimizer):
@@ -156,8 +159,15 @@ class AGVM(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict):
+        """Restore what ``state_dict()`` saved. A plain optimizer state (a checkpoint of a run without AGVM,
+        resumed with AGVM switched on) goes to the wrapped optimizer, and mu starts at 1 (eq. 5's start)."""
         if "agvm" not in state_dict:
+            if "state" in state_dict and "param_groups" in state_dict:
+                logger.warning("AGVM: loading the state of an optimizer without AGVM; mu starts at 1.0")
+                self.optimizer.load_state_dict(state_dict)
+                return
             raise KeyError("state_dict has no 'agvm' entry: it was not saved by an AGVM optimizer")
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.mu.update(state_dict["agvm"]["mu"])
+        self.mu.update({m: float(v) for m, v in state_dict["agvm"]["mu"].items()})
+        self.mu[self.anchor] = 1.0
         self.iteration = int(state_dict["agvm"]["iteration"])
