@@ -2,21 +2,24 @@
 """Iteration time with the monitor on (MONITOR.ENABLED True, at its period) against off, side by side.
 
     python bench/monitor_overhead.py                       # 1 CPU worker, configs/shapes/sgd.yaml (batch 16)
-    python bench/monitor_overhead.py --num-workers 2       # 2 gloo CPU workers (DDP + half-group all-reduce)
-    python bench/monitor_overhead.py --blocks 6 --ims-per-batch 8 --threads 1 SOLVER.OPTIMIZER LAMB  # KEY VALUE overrides
+    python bench/monitor_overhead.py --num-workers 2       # 2 gloo CPU workers (DDP + the Phi all-reduce)
+    python bench/monitor_overhead.py --periods 6 --ims-per-batch 8 --threads 1 SOLVER.OPTIMIZER LAMB  # overrides
 
-Two LargeBatchTrainers are built in the same process (in each worker) from the same config, one with
-MONITOR.ENABLED True (trust ratios, local LRs, layer_stats.jsonl and grad_var every MONITOR.PERIOD
-iterations, the default 20), one with False; the divergence guard runs in both. They are driven in
-alternating blocks of MONITOR.PERIOD iterations, in the order on, off, off, on, on, off, ... (so a drift of
-the machine's load hits both alike), each block aligned so that it holds exactly one recording iteration
-(with the gradient-variance measurement: on one worker two half-batch backward passes, on two workers the
-extra half-group all-reduce). One untimed warm-up block each comes first. Per block: wall time / iterations.
+Two LargeBatchTrainers are built in the same process (in each worker) from the same config, weights and
+data order, one with MONITOR.ENABLED True (trust ratios, local LRs, layer_stats.jsonl and grad_var every
+MONITOR.PERIOD iterations, the default 20), one with False; the divergence guard runs in both. They run
+interleaved one iteration at a time (on, off, off, on, on, off, ...), so that the load of a shared machine
+hits both alike, for one untimed warm-up period and then --periods timed periods of MONITOR.PERIOD
+iterations (each holding exactly one recording iteration, with the gradient-variance measurement: on one
+worker two half-batch backward passes, on several the half-group all-reduce).
 
-Printed: a markdown table with the median wall-clock and CPU (process time of rank 0; steadier on a shared
-machine) seconds per iteration of each, and the ratio on / off, of the medians and as the median of the
-per-round ratios (each "on" block against the "off" block run next to it). Target: <= 1.01x. Everything else (hooks, writers, checkpoints) is the same in both: checkpoints
-and evaluation are pushed out of the run, metrics.json is written every 20 iterations by both.
+Printed, as a markdown table: seconds per iteration of each (wall clock, and CPU = process time of rank 0,
+steadier on a shared machine), as the median over the periods and as the total, with the ratio on / off.
+Then the monitor's cost measured inside the "on" trainer, which a noisy machine disturbs far less than the
+A/B difference of two ~1 s iterations: the time spent in MonitorHook per record, and the extra time of a
+measurement iteration over the median other iteration; from them, the predicted ratio
+1 + (hook + extra) / PERIOD / (s per iteration off). Target: <= 1.01x. Everything else (hooks, writers)
+is the same in both; checkpoints and evaluation are pushed out of the run.
 """
 import argparse
 import os
@@ -36,41 +39,66 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Monitor on vs off: iteration time, side by side.")
     p.add_argument("--config-file", default=os.path.join(REPO, "configs/shapes/sgd.yaml"))
     p.add_argument("--num-workers", type=int, default=1, help="CPU worker processes (gloo), 1 or more")
-    p.add_argument("--blocks", type=int, default=4, help="timed blocks per variant (default 4)")
+    p.add_argument("--periods", type=int, default=4, help="timed periods of MONITOR.PERIOD iterations (default 4)")
     p.add_argument("--ims-per-batch", type=int, default=None,
                    help="SOLVER.IMS_PER_BATCH, total over the workers (default: the config's, 16 for shapes)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per worker (default: torch's; the launcher gives each of N workers cores/N)")
+    p.add_argument("--dump", default=None, metavar="PREFIX",
+                   help="also write every iteration's times to PREFIX.rank<R>.json (for a closer look)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return p.parse_args(argv)
 
 
 class Driver:
-    """Runs a trainer's loop (TrainerBase.train without its ending) block by block, with its own storage."""
+    """Runs a trainer's loop (TrainerBase.train without its ending) one iteration at a time, with its own
+    EventStorage; keeps the wall / CPU time of every iteration and, for the monitor, of its hook."""
 
     def __init__(self, cfg):
+        import numpy as np
+        import torch
         from detectron2.utils.events import EventStorage
 
         from largebatch import LargeBatchTrainer
+        from largebatch.engine.hooks import MonitorHook
 
+        # same weights and same data order in both trainers (detectron2's TrainingSampler seeds from numpy)
+        torch.manual_seed(cfg.SEED)
+        np.random.seed(cfg.SEED)
         self.trainer = LargeBatchTrainer(cfg)
         self.trainer.resume_or_load(resume=False)
         self.trainer.iter = self.trainer.start_iter = 0
         self.storage = EventStorage(0)
         self.started = False
+        self.wall, self.cpu = {}, {}
+        self.hook_cpu = {}  # iteration -> CPU seconds in MonitorHook.before_step + after_step
+        for hook in self.trainer._hooks:
+            if isinstance(hook, MonitorHook):
+                for name in ("before_step", "after_step"):
+                    setattr(hook, name, self._timed(getattr(hook, name)))
 
-    def run(self, n):
+    def _timed(self, fn):
+        def wrapper():
+            start = time.process_time()
+            fn()
+            it = self.trainer.iter
+            self.hook_cpu[it] = self.hook_cpu.get(it, 0.0) + time.process_time() - start
+        return wrapper
+
+    def step(self):
         t = self.trainer
         with self.storage:
             t.storage = self.storage
             if not self.started:
                 t.before_train()
                 self.started = True
-            for _ in range(n):
-                t.before_step()
-                t.run_step()
-                t.after_step()
-                t.iter += 1
+            start, start_cpu = time.perf_counter(), time.process_time()
+            t.before_step()
+            t.run_step()
+            t.after_step()
+            self.wall[t.iter] = time.perf_counter() - start
+            self.cpu[t.iter] = time.process_time() - start_cpu
+            t.iter += 1
 
 
 def worker(args, out_root):
@@ -96,51 +124,69 @@ def worker(args, out_root):
         cfg = load_config(args.config_file, opts, args.num_workers)
         register_datasets(cfg)
         period = cfg.MONITOR.PERIOD
-        torch.manual_seed(cfg.SEED)
         drivers[name] = Driver(cfg)
-    for d in drivers.values():  # warm-up block, untimed
-        d.run(period)
-    wall = {"on": [], "off": []}
-    cpu = {"on": [], "off": []}
-    ratios = {"wall": [], "cpu": []}
-    for round_ in range(args.blocks):
-        pair = ["on", "off"] if round_ % 2 == 0 else ["off", "on"]
-        for name in pair:
+    total = period * (args.periods + 1)  # the first period is a warm-up
+    for i in range(total):
+        for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
             comm.synchronize()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            drivers[name].run(period)
-            comm.synchronize()
-            wall[name].append((time.perf_counter() - start) / period)
-            cpu[name].append((time.process_time() - start_cpu) / period)
-        ratios["wall"].append(wall["on"][-1] / wall["off"][-1])
-        ratios["cpu"].append(cpu["on"][-1] / cpu["off"][-1])
-        if comm.is_main_process():
-            print(f"round {round_ + 1}/{args.blocks}: s/iter wall on {wall['on'][-1]:.4f} off {wall['off'][-1]:.4f} "
-                  f"(x{ratios['wall'][-1]:.4f}), CPU on {cpu['on'][-1]:.4f} off {cpu['off'][-1]:.4f} "
-                  f"(x{ratios['cpu'][-1]:.4f})", flush=True)
+            drivers[name].step()
+        if comm.is_main_process() and (i + 1) % period == 0:
+            k = (i + 1) // period - 1
+            its = range(k * period, (k + 1) * period)
+            on, off = (sum(drivers[n].cpu[j] for j in its) / period for n in ("on", "off"))
+            print(f"period {k}{' (warm-up)' if k == 0 else ''}: CPU s/iter on {on:.4f} off {off:.4f} "
+                  f"(x{on / off:.4f})", flush=True)
+    if args.dump:
+        import json
+
+        with open(f"{args.dump}.rank{comm.get_rank()}.json", "w") as f:
+            json.dump({n: {"wall": d.wall, "cpu": d.cpu, "hook_cpu": d.hook_cpu} for n, d in drivers.items()}, f)
     if comm.is_main_process():
-        report(args, period, wall, cpu, ratios, drivers["on"].trainer.cfg)
+        report(args, period, drivers, drivers["on"].trainer.cfg)
 
 
-def report(args, period, wall, cpu, ratios, cfg):
+def report(args, period, drivers, cfg):
     import torch
 
     med = statistics.median
-    mw = {k: med(v) for k, v in wall.items()}
-    mc = {k: med(v) for k, v in cpu.items()}
+    timed = range(period, period * (args.periods + 1))
+    rows = {}
+    for kind in ("wall", "cpu"):
+        per = {}
+        for name, d in drivers.items():
+            times = getattr(d, kind)
+            per[name] = [sum(times[j] for j in range(k, k + period)) / period for k in range(period, timed.stop, period)]
+        rows[kind] = per
+    on, off = drivers["on"], drivers["off"]
     print()
     print(f"Monitor overhead: {os.path.relpath(args.config_file, REPO)}, {cfg.SOLVER.OPTIMIZER}, "
           f"{args.num_workers} CPU worker(s) x {torch.get_num_threads()} thread(s), total batch "
-          f"{cfg.SOLVER.IMS_PER_BATCH}, MONITOR.PERIOD {period}: {args.blocks} blocks of {period} iterations "
-          f"per variant, interleaved")
+          f"{cfg.SOLVER.IMS_PER_BATCH}, MONITOR.PERIOD {period}: {args.periods} periods ({len(timed)} iterations) "
+          f"per variant, interleaved iteration by iteration")
     print()
-    print("| monitor | wall s/iter (median) | CPU s/iter (median, rank 0) | blocks |")
+    print("| s / iteration | monitor off | monitor on | on / off |")
     print("|---|---:|---:|---:|")
-    print(f"| off (MONITOR.ENABLED False) | {mw['off']:.4f} | {mc['off']:.4f} | {len(wall['off'])} |")
-    print(f"| on (MONITOR.ENABLED True, period {period}) | {mw['on']:.4f} | {mc['on']:.4f} | {len(wall['on'])} |")
-    print(f"| **ratio on / off** (of the medians) | **{mw['on'] / mw['off']:.4f}x** | **{mc['on'] / mc['off']:.4f}x** | |")
-    print(f"| ratio on / off (median of {args.blocks} paired rounds) | {med(ratios['wall']):.4f}x | "
-          f"{med(ratios['cpu']):.4f}x | |")
+    for kind, label in (("wall", "wall clock"), ("cpu", "CPU (rank 0)")):
+        a, b = med(rows[kind]["off"]), med(rows[kind]["on"])
+        print(f"| {label}, median of the periods | {a:.4f} | {b:.4f} | {b / a:.4f}x |")
+        a, b = (sum(getattr(d, kind)[j] for j in timed) / len(timed) for d in (off, on))
+        print(f"| {label}, all {len(timed)} iterations | {a:.4f} | {b:.4f} | **{b / a:.4f}x** |")
+    # the monitor's own cost, measured inside the "on" trainer (CPU time)
+    records = [j for j in timed if j % period == 0]
+    others = [on.cpu[j] for j in timed if j % period != 0]
+    hook_record = med(on.hook_cpu.get(j, 0.0) for j in records)
+    hook_other = med(on.hook_cpu.get(j, 0.0) for j in timed if j % period != 0)
+    extra = med(on.cpu[j] for j in records) - med(others) - hook_record
+    base = med(off.cpu[j] for j in timed)
+    predicted = 1 + (hook_record + hook_other * (period - 1) + extra) / period / base
+    print()
+    print("| monitor cost inside the \"on\" trainer (CPU) | value |")
+    print("|---|---:|")
+    print(f"| MonitorHook, recording iteration | {hook_record * 1e3:.2f} ms |")
+    print(f"| MonitorHook, other iterations | {hook_other * 1e6:.1f} us |")
+    print(f"| measurement iteration (grad_var) minus the median other iteration, hook excluded | {extra * 1e3:.1f} ms |")
+    print(f"| median iteration, monitor off | {base * 1e3:.1f} ms |")
+    print(f"| **predicted on / off** = 1 + (hook + extra) / {period} / iteration | **{predicted:.4f}x** |")
 
 
 def _spawned(args, out_root):

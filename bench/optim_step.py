@@ -6,10 +6,12 @@ Side by side in one process: torch SGD(momentum 0.9) and AdamW (foreach, and fus
 against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the per-tensor loop for reference).
 Rounds are interleaved (round-robin over the optimizers) after a warm-up, and the table shows medians over
 rounds of the mean step time within a round, with ratios: LARS vs torch SGD (foreach), LAMB and PMD-LAMB vs
-torch AdamW (foreach). Every optimizer has its own copy of the params; the gradients are shared (no optimizer
+torch AdamW (foreach), both as the ratio of the medians and as the median of per-round ratios (the latter
+holds up better on a machine whose load drifts). Every optimizer has its own copy of the params; the gradients are shared (no optimizer
 here writes to them).
 
     python bench/optim_step.py --device cpu --steps 5 --rounds 7
+    python bench/optim_step.py --device cpu --threads 1 --clock cpu   # on a shared, loaded machine
     python bench/optim_step.py --device cuda --steps 50 --dtype bfloat16
 """
 from __future__ import annotations
@@ -137,6 +139,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: time.perf_counter; cpu: time.process_time, this process's CPU time (all threads), which "
+        "holds up on a shared, loaded machine (use with --threads 1; CPU device only)",
+    )
     ap.add_argument("--shapes", default="auto", choices=["auto", "detectron2", "hardcoded"])
     ap.add_argument("--only", default="", help="comma-separated substrings of optimizer names to run")
     ap.add_argument("--no-single", action="store_true", help="skip the per-tensor (foreach=False) rows")
@@ -147,12 +156,15 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.clock == "cpu" and device.type != "cpu":
+        ap.error("--clock cpu measures host CPU time: use it with --device cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     shapes, source = get_shapes(args.shapes)
     n_params = sum(torch.Size(s).numel() for s in shapes)
     print(f"shapes: {len(shapes)} tensors, {n_params:,} parameters ({n_params / 1e6:.2f}M) from {source}")
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds x {args.steps} steps\n")
+    print(f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds x {args.steps} steps, {args.clock} clock\n")
 
     g = torch.Generator(device="cpu").manual_seed(0)
     grads = [(torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype) for s in shapes]
@@ -173,21 +185,26 @@ def main(argv=None):
     for _ in range(args.rounds):
         for r in runs:  # round-robin: every optimizer sees the same machine conditions
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 r["opt"].step()
             sync()
-            r["times"].append((time.perf_counter() - t0) / args.steps * 1e3)
+            r["times"].append((clock() - t0) / args.steps * 1e3)
 
-    med = {r["name"]: statistics.median(r["times"]) for r in runs}
-    base = {"sgd": med.get("torch SGD foreach"), "adamw": med.get("torch AdamW foreach")}
     base_name = {"sgd": "torch SGD foreach", "adamw": "torch AdamW foreach"}
-    print("| optimizer | median ms/step | min ms | ratio | vs |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    by_name = {r["name"]: r for r in runs}
+    print("| optimizer | median ms/step | min ms/step | ratio of medians | median paired ratio | vs |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for r in runs:
-        b = base[r["kind"]]
-        ratio = f"{med[r['name']] / b:.2f}x" if b else "-"
-        print(f"| {r['name']} | {med[r['name']]:.1f} | {min(r['times']):.1f} | {ratio} | {base_name[r['kind']]} |")
+        med = statistics.median(r["times"])
+        b = by_name.get(base_name[r["kind"]])
+        if b is None:
+            ratio = paired = "-"
+        else:
+            ratio = f"{med / statistics.median(b['times']):.2f}x"
+            # per-round ratio against the baseline's time in the same round: robust to load that drifts
+            paired = f"{statistics.median(t / u for t, u in zip(r['times'], b['times'])):.2f}x"
+        print(f"| {r['name']} | {med:.1f} | {min(r['times']):.1f} | {ratio} | {paired} | {base_name[r['kind']]} |")
 
 
 if __name__ == "__main__":

@@ -202,9 +202,9 @@ class MonitorHook(HookBase):
             # only with AMP (otherwise the trainer has stopped already): GradScaler skipped this step
             logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded", iteration)
             return
-        part_has_grad = torch.bincount(self.part_index[has_grad], minlength=n) > 0
+        part_has_grad = (torch.bincount(self.part_index[has_grad], minlength=n) > 0).tolist()
         current = {
-            part: {"grad_norm": part_grad[i].item()} for i, part in enumerate(self.parts) if part_has_grad[i]
+            part: {"grad_norm": g} for part, g, ok in zip(self.parts, part_grad.tolist(), part_has_grad) if ok
         }
         if self.trust_ratio:
             ratios = self._trust_ratios(grad_norms, has_grad)
@@ -212,15 +212,15 @@ class MonitorHook(HookBase):
             local_lr = lrs[self.group_index] * ratios
             storage = self.trainer.storage
             for key, values in (("trust_ratio", ratios), ("local_lr", local_lr)):
-                count, mean, lo, hi = segment_stats(values, self.part_index, n)
+                count, mean, lo, hi = (t.tolist() for t in segment_stats(values, self.part_index, n))
                 for i, part in enumerate(self.parts):
                     if count[i] == 0:
                         continue
                     if key == "trust_ratio" and part in current:
-                        current[part]["trust_ratio"] = mean[i].item()
-                    storage.put_scalar(f"{key}/{part}", mean[i].item(), smoothing_hint=False)
-                    storage.put_scalar(f"{key}_min/{part}", lo[i].item(), smoothing_hint=False)
-                    storage.put_scalar(f"{key}_max/{part}", hi[i].item(), smoothing_hint=False)
+                        current[part]["trust_ratio"] = mean[i]
+                    storage.put_scalar(f"{key}/{part}", mean[i], smoothing_hint=False)
+                    storage.put_scalar(f"{key}_min/{part}", lo[i], smoothing_hint=False)
+                    storage.put_scalar(f"{key}_max/{part}", hi[i], smoothing_hint=False)
             if self.write_layers:
                 record = {"iter": iteration, "lr": _compact(lrs), "trust_ratio": _compact(ratios)}
                 phi = self._phi_of(iteration)

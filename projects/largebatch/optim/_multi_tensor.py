@@ -5,7 +5,8 @@ Plain PyTorch, no detectron2. What lives here:
 * :class:`TrustRatioOptimizer`, the private base: gathers the params that have a gradient, picks the
   multi-tensor (``torch._foreach_*``) or the per-tensor path, keeps the trust ratios each step used
   (:meth:`~TrustRatioOptimizer.last_trust_ratios`), validates hyper-parameters;
-* small helpers both paths share: per-tensor norms, the "1.0 where a norm is 0" rule, clipping.
+* small helpers both paths share: per-tensor norms (float32 for half/bfloat16), the "1.0 where a norm
+  is 0" rule, device/dtype bucketing, argument checks.
 
 Nothing in a ``step()`` reads a tensor value back to the host (no ``.item()``): norms and ratios stay
 tensors, and a per-tensor ratio reaches the elementwise update as a 0-dim tensor that the kernel broadcasts.
@@ -130,9 +131,30 @@ class TrustRatioOptimizer(Optimizer):
     diagnostics have no place in a checkpoint): ``self._trust_ratios[group_index]``.
     """
 
+    # Multi-tensor path: work in persistent param-shaped buffers (True) or in fresh temporaries (False).
+    # None: buffers on CPU only, where a fresh large temporary page-faults on every step (glibc returns big
+    # blocks to the OS) and costs more than a pass over memory; on CUDA the caching allocator makes
+    # temporaries free and they allow fewer passes. Changes speed and memory, never results.
+    _reuse_buffers: Optional[bool] = None
+
     def __init__(self, params, defaults: dict) -> None:
         self._trust_ratios: Dict[int, Tensor] = {}
         super().__init__(params, defaults)
+
+    def _use_work_buffers(self, device: torch.device) -> bool:
+        return device.type == "cpu" if self._reuse_buffers is None else self._reuse_buffers
+
+    def _scratch(self, params: List[Tensor]) -> List[Tensor]:
+        """Persistent param-shaped work buffers, one per param. Not optimizer state: not in ``state_dict()``,
+        not pickled."""
+        cache = self.__dict__.setdefault("_scratch_buffers", {})
+        out = []
+        for p in params:
+            buf = cache.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = cache[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        return out
 
     # -- hooks for subclasses ------------------------------------------------------------------------------
     def _validate(self, group: dict) -> None:  # pragma: no cover - overridden

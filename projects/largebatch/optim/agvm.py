@@ -102,7 +102,8 @@ class AGVM(torch.optim.Optimizer):
                f"start_iter={self.start_iter}, clamp={self.clamp}) over {self.optimizer!r}"
 
     def is_measurement_iter(self, iteration: int) -> bool:
-        """Whether Phi is measured (and mu updated) at this iteration."""
+        """Whether Phi (eq. 3) is measured and mu updated (eq. 4-5) at this iteration: every tau = ``interval``
+        iterations from ``start_iter`` on (iteration % tau == 0, as the official code)."""
         return iteration >= self.start_iter and iteration % self.interval == 0
 
     def target_mu(self, phi: Dict[str, float]) -> Dict[str, float]:
@@ -124,6 +125,9 @@ class AGVM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """The wrapped optimizer's step with eq. 4's module LR eta_i = mu_i * eta: from ``start_iter`` on, each
+        group's LR is multiplied by mu[group["module"]] for this step and then restored (the scheduler owns
+        eta); before it, a plain step."""
         if self.iteration < self.start_iter:
             loss = self.optimizer.step(closure)
         else:

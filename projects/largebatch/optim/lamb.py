@@ -7,6 +7,7 @@ Plain PyTorch: no detectron2 import.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional
 
 import torch
@@ -37,7 +38,7 @@ def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, trust_clip: Optional[float]
     """``||w|| / ||u||`` (LAMB Algorithm 2 with phi = identity; LargeDet Algorithm 1 line 9), 1.0 where
     either norm is 0 (no NaN from 0/0), then capped at ``trust_clip``. Elementwise on 0-dim or 1-D tensors
     of norms."""
-    ratio = torch.where((w_norm == 0) | (u_norm == 0), 1.0, w_norm / u_norm)
+    ratio = safe_ratio(w_norm, u_norm)
     if trust_clip is not None:
         ratio = ratio.clamp(max=trust_clip)
     return ratio
@@ -54,24 +55,9 @@ class _LambBase(TrustRatioOptimizer):
     int, so it is in ``state_dict()["param_groups"]`` and a resumed run continues exactly); it counts the
     steps in which the group had at least one gradient."""
 
-    # multi-tensor path: work in persistent buffers (True) or in fresh temporaries (False); None: buffers on
-    # CPU only. A class attribute, not an argument: it changes speed and memory, never results.
-    _reuse_buffers: Optional[bool] = None
-
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
-
-    def _scratch(self, params: List[Tensor]) -> List[Tensor]:
-        """Persistent param-shaped work buffers (CPU path). Not optimizer state: not in ``state_dict()``."""
-        cache = self.__dict__.setdefault("_scratch_buffers", {})
-        out = []
-        for p in params:
-            buf = cache.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = cache[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(buf)
-        return out
 
     def _moments(self, params: List[Tensor]):
         exp_avgs, exp_avg_sqs = [], []
@@ -124,10 +110,12 @@ class _LambBase(TrustRatioOptimizer):
         return [(range(len(params)), torch.stack(ratios))]
 
     def _update_foreach(self, group, params, grads, exp_avgs, exp_avg_sqs):
-        """Multi-tensor path, per device/dtype bucket. Fewest passes over memory: the moments in place
-        (``lerp_`` when the decay is the plain beta1), one temporary for the denominator and one for
-        ``u`` (built by a single ``addcdiv``, scaled so that no extra multiply is needed), two fused norm
-        reductions, and the parameter update as one fused multiply-add with a per-tensor 0-dim factor."""
+        """Multi-tensor path, per device/dtype bucket, with few passes over memory: the moments in place
+        (``lerp_`` when the decay is the plain beta1); ``u`` up to a scalar factor, either in one persistent
+        work buffer (CPU) or from two temporaries (one ``addcdiv`` builds ``u / wd``); two fused norm
+        reductions; the parameter update as one fused multiply-add whose per-tensor factor (ratio, LR and
+        the scalar factor of ``u``) is a 0-dim tensor. Bias corrections are folded into Python scalars:
+        ``m_hat / (sqrt(v_hat) + eps) = k * m / (sqrt(v) + eps * sqrt(bc2))`` with ``k = sqrt(bc2) / bc1``."""
         c = self._coefficients(group)
         beta1, beta2 = group["betas"]
         wd, lr = group["weight_decay"], group["lr"]
@@ -144,10 +132,7 @@ class _LambBase(TrustRatioOptimizer):
             torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
 
             k = c["k"]
-            reuse = self._reuse_buffers
-            if reuse is None:
-                reuse = b_params[0].device.type == "cpu"
-            if reuse:
+            if self._use_work_buffers(b_params[0].device):
                 # CPU: a fresh param-sized temporary page-faults on every step (glibc hands large blocks
                 # back to the OS), which costs more than a pass; reuse one persistent buffer instead
                 u = self._scratch(b_params)
@@ -214,7 +199,7 @@ class LAMB(_LambBase):
         lr: learning rate (read from ``group["lr"]`` at every step).
         betas: ``(beta1, beta2)``, each in [0, 1).
         eps: added to ``sqrt(v_hat)``.
-        weight_decay: decoupled-into-the-update coefficient ``lambda``.
+        weight_decay: ``lambda`` of ``u = r + lambda * w`` (inside the trust-ratio update, not L2 in g).
         bias_correction: Adam's bias correction of the moments.
         trust_clip: upper bound of the trust ratio, or None.
         foreach: True: multi-tensor path; False: per-tensor loop; None: multi-tensor on CPU/CUDA.
@@ -327,7 +312,8 @@ class PMDLAMB(_LambBase):
         check_nonneg("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
         cycle = group["cycle"]
-        _check("cycle", isinstance(cycle, int) and not isinstance(cycle, bool) and cycle >= 1, cycle, "an int >= 1")
+        is_int = isinstance(cycle, numbers.Integral) and not isinstance(cycle, bool)
+        _check("cycle", is_int and cycle >= 1, cycle, "an int >= 1")
         check_positive("scale", group["scale"])
 
     def _direction(self, group: dict, m: Tensor, v: Tensor) -> Tensor:

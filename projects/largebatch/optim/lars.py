@@ -175,11 +175,16 @@ class LARS(TrustRatioOptimizer):
                 local = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=b_params[0].device)
                 coef, coef_wd = 1.0, wd  # plain scalars: the fast fused kernels
             if momentum != 0:
-                # buf = m * buf + local * g + (local * wd) * w: no temporary (g + wd * w), p.grad untouched
                 torch._foreach_mul_(b_bufs, momentum)
-                axpy_(b_bufs, b_grads, coef)
-                if wd != 0:
-                    axpy_(b_bufs, b_params, coef_wd)
+                if wd != 0 and group["adapt"] and not self._use_work_buffers(b_params[0].device):
+                    # buf += local * (g + wd * w): one temporary, and a single op with per-tensor factors
+                    # (such ops take torch's per-tensor fallback on CUDA, the scalar ones are fused)
+                    axpy_(b_bufs, torch._foreach_add(b_grads, b_params, alpha=wd), coef)
+                else:
+                    # buf += local * g + (local * wd) * w: no temporary (it would page-fault on CPU)
+                    axpy_(b_bufs, b_grads, coef)
+                    if wd != 0:
+                        axpy_(b_bufs, b_params, coef_wd)
                 axpy_(b_params, b_bufs, -lr)
             else:
                 # w = w * (1 - lr * local * wd) - (lr * local) * g
