@@ -99,11 +99,13 @@ def _part_reference(header, values):
 
 @pytest.fixture(scope="module")
 def sgd_run(tmp_path_factory):
-    """One SGD run: 2 iterations, both recorded (MONITOR.PERIOD 1), batch 2 on one worker."""
+    """One SGD + AGVM run: 2 iterations, both recorded (MONITOR.PERIOD 1), batch 2 on one worker; AGVM's mu
+    is updated at both and applied in both steps, so the layers' LRs differ by part."""
     os.environ.setdefault("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets"))
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("sgd_run")
-    trainer = _trainer(_config(out))
+    trainer = _trainer(_config(out, "SOLVER.AGVM.ENABLED", "True", "SOLVER.AGVM.INTERVAL", "1",
+                               "SOLVER.AGVM.START_ITER", "0"))
     steps = _capture_steps(trainer)
     trainer.train()
     return out, trainer, steps
@@ -137,6 +139,10 @@ def test_sgd_trust_ratio_is_weight_over_grad_norm_before_the_step(sgd_run):
         phis = storage.history(f"grad_var/{part}").values()
         assert [it for _, it in phis] == [0, 1] and all(0.0 <= v <= 2.0 for v, _ in phis)
         assert records[1]["grad_var"][part] == pytest.approx(phis[1][0], rel=1e-5)
+        mus = storage.history(f"agvm_mu/{part}").values()
+        assert [r["agvm_mu"][part] for r in records] == pytest.approx([v for v, _ in mus], rel=1e-5)
+    # the LR each layer stepped with includes AGVM's mu: it differs between parts
+    assert len({round(lr, 12) for lr in steps[1]["lr"]}) > 1
     # the jump check's state travels with the checkpoint
     ckpt = torch.load(os.path.join(out, "model_final.pth"), weights_only=False, map_location="cpu")
     state = ckpt["trainer"]["hooks"]["MonitorHook"]
@@ -306,14 +312,14 @@ def test_plot_metrics_writes_the_pngs(sgd_run, tmp_path, capsys):
     out, _, _ = sgd_run
     assert plot_metrics.main([str(out), "--out", str(tmp_path / "a"), "--iters", "0,1,7"]) == 0
     printed = capsys.readouterr().out
-    expected = ["loss", "lr", "local_lr", "trust_ratio", "grad_var", "layer_local_lr", "layer_trust_ratio"]
+    expected = ["loss", "lr", "local_lr", "trust_ratio", "grad_var", "agvm_mu", "layer_local_lr", "layer_trust_ratio"]
     assert sorted(os.listdir(tmp_path / "a")) == sorted(f"{n}.png" for n in expected)  # no temporary left
     for name in expected:
         path = tmp_path / "a" / f"{name}.png"
         assert str(path) in printed and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "skipped ap.png" in printed and "skipped agvm_mu.png" in printed
+    assert "skipped ap.png" in printed and "agvm_mu.png: " not in printed
     assert "--iters 7: not recorded, using the nearest record, iteration 1" in printed
-    # a run that evaluated and used AGVM: the AP and mu figures too
+    # a run that evaluated, without layer_stats.jsonl: the AP figure too, no per-layer ones
     run = tmp_path / "run"
     run.mkdir()
     with open(run / "metrics.json", "w") as f:
@@ -325,4 +331,5 @@ def test_plot_metrics_writes_the_pngs(sgd_run, tmp_path, capsys):
     assert plot_metrics.main([str(run)]) == 0
     written = sorted(os.listdir(run / "plots"))
     assert written == ["agvm_mu.png", "ap.png", "grad_var.png", "loss.png", "lr.png"]
+    assert "skipped layer_trust_ratio.png" in capsys.readouterr().out
     assert plot_metrics.main([str(tmp_path / "nope")]) == 2

@@ -15,7 +15,7 @@ Writes one PNG per figure into OUTPUT_DIR/plots/ (or --out) and prints their pat
     layer_local_lr.png     local LR of every layer over iterations, one panel per part (CoolDet Fig. 4, 5)
     layer_trust_ratio.png  trust ratio of every layer at chosen iterations (LargeDet Fig. 3)
 
-Per-part trust ratio, local LR and grad_var come from metrics.json, completed from layer_stats.jsonl (which
+Per-part trust ratio, local LR, grad_var and agvm_mu come from metrics.json, completed from layer_stats.jsonl (which
 has every MONITOR.PERIOD record; metrics.json keeps the latest value every 20 iterations only).
 A figure whose metrics the run did not record (no evaluation, AGVM off, MONITOR.PER_LAYER off, ...) is
 skipped with a printed note. --iters picks the iterations of layer_trust_ratio.png (the nearest recorded
@@ -124,7 +124,7 @@ def layer_values(header, record, what):
 
 
 def add_layer_series(series, header, records):
-    """Per-part mean / min / max of trust ratio and local LR, and grad_var, from every layer_stats.jsonl
+    """Per-part mean / min / max of trust ratio and local LR, grad_var and agvm_mu, from every layer_stats.jsonl
     record, for the iterations metrics.json lacks (its writer keeps only the latest value every 20
     iterations, so a MONITOR.PERIOD below 20 is sampled there)."""
     parts = header["parts"]
@@ -139,9 +139,10 @@ def add_layer_series(series, header, records):
                 for key, value in ((f"{what}/{part}", sum(vals) / len(vals)), (f"{what}_min/{part}", min(vals)),
                                    (f"{what}_max/{part}", max(vals))):
                     series.setdefault(key, {}).setdefault(it, value)
-        for part, v in (record.get("grad_var") or {}).items():
-            if v is not None:
-                series.setdefault(f"grad_var/{part}", {}).setdefault(it, float(v))
+        for key in ("grad_var", "agvm_mu"):
+            for part, v in (record.get(key) or {}).items():
+                if v is not None:
+                    series.setdefault(f"{key}/{part}", {}).setdefault(it, float(v))
 
 
 def parts_with(series, prefix):

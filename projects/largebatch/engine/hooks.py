@@ -54,10 +54,12 @@ logger = logging.getLogger("largebatch")
 #: "parts": [part of each layer], "groups": [optimizer param-group index of each layer], "ratio":
 #: "optimizer" | "weight_grad_norm", "optimizer": class name, "period": MONITOR.PERIOD}``. Then one line
 #: per record: ``{"iter": i, "lr": [LR each param group stepped with], "trust_ratio": [one per layer]}``,
-#: plus ``"grad_var": {part: Phi}`` when the trainer measured Phi in that iteration. Values have 6
-#: significant digits; ``null`` marks a layer without gradient (or a non-finite value). Strict JSON (no
-#: NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k]. metrics.json and TensorBoard only
-#: get the latest value of each scalar every 20 iterations (detectron2's writers): this file has every record.
+#: plus ``"grad_var": {part: Phi}`` when the trainer measured Phi in that iteration and ``"agvm_mu": {part:
+#: mu}`` (AGVM's multipliers after that iteration's update) when AGVM is on. LRs are exact, the other
+#: values have 6 significant digits; ``null`` marks a layer without gradient (or a non-finite value).
+#: Strict JSON (no NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k]. metrics.json and
+#: TensorBoard only get the latest value of each scalar every 20 iterations (detectron2's writers): this
+#: file has every record.
 LAYER_STATS_FORMAT = "largebatch.layer_stats/1"
 LAYER_STATS_FILE = "layer_stats.jsonl"
 
@@ -222,10 +224,13 @@ class MonitorHook(HookBase):
                     storage.put_scalar(f"{key}_min/{part}", lo[i], smoothing_hint=False)
                     storage.put_scalar(f"{key}_max/{part}", hi[i], smoothing_hint=False)
             if self.write_layers:
-                record = {"iter": iteration, "lr": _compact(lrs), "trust_ratio": _compact(ratios)}
+                record = {"iter": iteration, "lr": lrs.tolist(), "trust_ratio": _compact(ratios)}
                 phi = self._phi_of(iteration)
                 if phi:
                     record["grad_var"] = dict(zip(phi, _compact(torch.tensor(list(phi.values())))))
+                if isinstance(self.optimizer, AGVM):
+                    mu = self.optimizer.mu
+                    record["agvm_mu"] = dict(zip(mu, _compact(torch.tensor(list(mu.values()), dtype=torch.float64))))
                 with open(self.path, "a") as f:
                     f.write(_dumps(record) + "\n")
         self._check_jumps(iteration, current)
