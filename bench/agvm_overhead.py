@@ -11,10 +11,12 @@ iterations of each trainer, interleaved one by one (AGVM first in even rounds, p
 that the load of a shared machine hits both alike; a round of the AGVM trainer holds exactly one measurement
 iteration (the no_sync backward, the half-group and global all-reduces of one flat bucket, Phi, the mu
 update). A timed iteration is the trainer's run_step() plus the LR scheduler step (the training loop without
-its hooks). Reported: the median over rounds of the mean iteration time of a round; AGVM / plain as the
-median of the per-round ratios and as the ratio of the total times (target: <= 1.02x at tau = 10); and an
-estimate from per-iteration medians, (measurement - other) / (tau * plain) + (other - plain) / plain, where
-"measurement" / "other" split the AGVM trainer's iterations (the least sensitive to a noisy machine).
+its hooks). Before each round the plain model gets the AGVM model's weights, so both compute on the same
+weights and data (AGVM's different trajectory is not its overhead). Reported: the median over rounds of the
+mean iteration time of a round; AGVM / plain as the median of the per-round ratios and as the ratio of the
+total times (target: <= 1.02x at tau = 10); and a paired estimate from the medians of the differences
+between an AGVM iteration and the plain one next to it, split into measurement and other iterations (the
+least sensitive to the load of a shared machine): 1 + (extra_measurement + (tau - 1) extra_other) / (tau plain).
 """
 import argparse
 import os
@@ -68,6 +70,10 @@ def _worker(args):
             for _ in range(args.warmup):
                 step(name)
         for r in range(args.rounds):
+            # both compute on the same weights (and see the same data): the time AGVM's different trajectory
+            # would add or save (e.g. in NMS) is not an overhead of AGVM's machinery
+            with torch.no_grad():
+                trainers["plain"].model.load_state_dict(trainers["AGVM"].model.state_dict())
             comm.synchronize()
             order = ("AGVM", "plain") if r % 2 == 0 else ("plain", "AGVM")
             rounds = {name: [] for name in trainers}
@@ -95,11 +101,13 @@ def report(args, times, measured, mu):
     round_means = {n: [statistics.mean(r) for r in rounds] for n, rounds in times.items()}
     ratios = [a / p for a, p in zip(round_means["AGVM"], round_means["plain"])]
     flat = {n: [t for r in rounds for t in r] for n, rounds in times.items()}
-    meas = [t for t, m in zip(flat["AGVM"], measured["AGVM"]) if m]
-    other = [t for t, m in zip(flat["AGVM"], measured["AGVM"]) if not m]
     plain = median(flat["plain"])
-    meas_median = median(meas) if meas else float("nan")  # none when START_ITER is past the timed rounds
-    estimate = (meas_median - median(other)) / (args.interval * plain) + (median(other) - plain) / plain
+    # iteration i of the AGVM trainer ran right next to iteration i of the plain one: pair them
+    pairs = list(zip(flat["AGVM"], flat["plain"], measured["AGVM"]))
+    extra_measure = [a - p for a, p, m in pairs if m]
+    extra_other = [a - p for a, p, m in pairs if not m]
+    extra_m = median(extra_measure) if extra_measure else float("nan")  # none if START_ITER is past the rounds
+    estimate = (extra_m + (args.interval - 1) * median(extra_other)) / (args.interval * plain)
     print()
     print(f"{args.workers} CPU workers (gloo), {os.path.relpath(args.config_file, REPO)} {' '.join(args.opts)}, "
           f"tau = {args.interval}, {args.rounds} rounds of {args.interval} iterations of each (interleaved), "
@@ -114,11 +122,12 @@ def report(args, times, measured, mu):
     print("| --- | --- |")
     print(f"| median of the per-round ratios | {median(ratios):.4f}x |")
     print(f"| total time | {sum(flat['AGVM']) / sum(flat['plain']):.4f}x |")
-    print(f"| estimate: (measurement - other) / (tau x plain) + (other - plain) / plain, from medians | "
+    print(f"| paired estimate: 1 + (extra_measurement + (tau - 1) x extra_other) / (tau x plain) | "
           f"{1 + estimate:.4f}x |")
     print()
-    print(f"medians: AGVM measurement iteration {meas_median:.4f} s ({len(meas)}), AGVM other iterations "
-          f"{median(other):.4f} s, plain {plain:.4f} s")
+    print(f"median extra seconds of an AGVM iteration over the plain one next to it: measurement "
+          f"{extra_m:+.4f} s ({len(extra_measure)}), other {median(extra_other):+.4f} s; median plain "
+          f"iteration {plain:.4f} s")
     print("mu at the end: " + ", ".join(f"{k} {v:.4f}" for k, v in mu.items()))
 
 

@@ -170,10 +170,9 @@ class LARS(TrustRatioOptimizer):
             if group["adapt"]:
                 local = self._local_lr(group, foreach_norms(b_params), foreach_norms(b_grads))
                 coef = scaled_lists(local, dtype)
-                coef_wd = scaled_lists(local * wd, dtype) if wd != 0 else None
             else:
                 local = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=b_params[0].device)
-                coef, coef_wd = 1.0, wd  # plain scalars: the fast fused kernels
+                coef = 1.0  # plain scalars: the fast fused kernels
             if momentum != 0:
                 torch._foreach_mul_(b_bufs, momentum)
                 if wd != 0 and group["adapt"] and not self._use_work_buffers(b_params[0].device):
@@ -184,7 +183,7 @@ class LARS(TrustRatioOptimizer):
                     # buf += local * g + (local * wd) * w: no temporary (it would page-fault on CPU)
                     axpy_(b_bufs, b_grads, coef)
                     if wd != 0:
-                        axpy_(b_bufs, b_params, coef_wd)
+                        axpy_(b_bufs, b_params, scaled_lists(local * wd, dtype) if group["adapt"] else wd)
                 axpy_(b_params, b_bufs, -lr)
             else:
                 # w = w * (1 - lr * local * wd) - (lr * local) * g
