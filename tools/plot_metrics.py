@@ -28,8 +28,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import OrderedDict, defaultdict
+
+try:
+    from largebatch.utils import save_figure
+except ImportError:  # a bare checkout: the package lives in projects/
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
+    from largebatch.utils import save_figure
 
 PART_COLORS = OrderedDict(
     [
@@ -169,17 +174,9 @@ class Plotter:
         self.notes.append(f"skipped {name}: {why}")
 
     def save(self, fig, name):
-        os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, name)
-        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self.out_dir)
         try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+            save_figure(fig, path)
         finally:
             self.plt.close(fig)
         self.written.append(path)

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 
 try:
     import largebatch  # noqa: F401
@@ -96,18 +95,11 @@ def plot(cfg, lrs, marks, output, num_train_images=None):
         sec.set_xlabel(f"epoch ({num_train_images} images)", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
 
+    from largebatch.utils import save_figure
+
     output = os.path.abspath(output)
-    folder = os.path.dirname(output)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot_schedule.", suffix=".png", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_figure(fig, output)
     finally:
         plt.close(fig)
     return output

@@ -8,7 +8,6 @@ and handles AMP itself, so every feature sees unscaled gradients.
 import inspect
 import logging
 import os
-import tempfile
 import time
 import weakref
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from ..norm import build_sync_bn_from_cfg
 from ..optim import AGVM, build_optimizer
 from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler, prepare_solver
+from ..utils import atomic_write
 from .hooks import MonitorHook
 
 logger = logging.getLogger("largebatch")
@@ -54,27 +54,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
-        _atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")
+        atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
-
-
-def _atomic_write(path: str, write, mode: str) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
 
 
 class LargeBatchStepper(SimpleTrainer):
