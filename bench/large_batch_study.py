@@ -95,6 +95,7 @@ def resolve_arm(arm: str, opts: List[str], num_workers: int) -> dict:
         "total_batch": total_batch,
         "lr": s.BASE_LR,
         "max_iter": s.MAX_ITER,
+        "eval_period": resolved.TEST.EVAL_PERIOD,
         "iters_per_epoch": images / total_batch,
         "train_images": images,
     }
@@ -135,14 +136,46 @@ def read_text(path: str) -> str:
         return ""
 
 
+def eval_iterations(info: dict) -> List[int]:
+    """Iterations at which detectron2 records the evaluations: EvalHook runs after iteration k * period - 1
+    while k * period < MAX_ITER, and after training (recorded at MAX_ITER)."""
+    period, max_iter = info.get("eval_period", 0), info["max_iter"]
+    periodic = list(range(period - 1, max_iter - 1, period)) if period > 0 else []
+    return periodic + [max_iter]
+
+
+def log_evals(log: str) -> List[tuple]:
+    """(AP, AP50) of each evaluation, in order, from detectron2's "copypaste:" lines of the main process."""
+    out, lines = [], log.splitlines()
+    for i, line in enumerate(lines):
+        if line.rstrip().endswith("copypaste: AP,AP50,AP75,APs,APm,APl") and i + 1 < len(lines):
+            values = lines[i + 1].split("copypaste:")[-1].strip().split(",")
+            try:
+                out.append((float(values[0]), float(values[1])))
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+def merge_evals(metrics: List[dict], log: str, iterations: List[int]) -> List[tuple]:
+    """(iteration, AP, AP50) of every evaluation. metrics.json can miss one: its writer (every 20 iterations)
+    keeps only the latest value of a key, so of two evaluations less than 20 iterations apart (1 epoch = 16
+    iterations at batch 64) only the second is written. The log has them all (4 decimals): its k-th evaluation
+    is at the k-th of ``iterations``; metrics.json's value is used where it has one."""
+    found = {m["iteration"]: (m["bbox/AP"], m.get("bbox/AP50", float("nan")))
+             for m in metrics if "bbox/AP" in m and "iteration" in m}
+    for it, values in zip(iterations, log_evals(log)):
+        found.setdefault(it, values)
+    return [(it, *found[it]) for it in sorted(found)]
+
+
 def summarize_arm(arm_dir: str, info: dict) -> dict:
     """Curves and final numbers of one arm from its metrics.json, train.log and result.json."""
     metrics = read_metrics(arm_dir)
     result = read_json(os.path.join(arm_dir, "result.json")) or {}
     log = read_text(os.path.join(arm_dir, "train.log")) or read_text(os.path.join(arm_dir, "log.txt"))
     ipe = info["iters_per_epoch"]
-    evals = [(m["iteration"], m["bbox/AP"], m.get("bbox/AP50", float("nan")))
-             for m in metrics if "bbox/AP" in m and "iteration" in m]
+    evals = merge_evals(metrics, read_text(os.path.join(arm_dir, "log.txt")), eval_iterations(info))
     losses = [(m["iteration"], m["total_loss"]) for m in metrics if "total_loss" in m and "iteration" in m]
     lr = info["lr"]
     match = LR_LINE.search(log)
@@ -159,7 +192,11 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
         ap = ap50 = 0.0
     elif finished:
         _, ap, ap50 = max(evals)
+    # largebatch's guard names the iteration; detectron2's own checks ("Predicted boxes or scores contain
+    # Inf/NaN. Training has diverged.") do not: then the last iteration metrics.json holds (detectron2 writes
+    # the failing iteration's metrics when training stops)
     match = re.search(r"Training diverged at iteration (\d+)", log)
+    diverged_at = int(match.group(1)) if match else (max(m["iteration"] for m in metrics) if metrics else None)
     return {
         **info,
         "lr": lr,
@@ -171,7 +208,7 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
         "load": result.get("load_avg"),
         "returncode": returncode,
         "diverged": diverged,
-        "diverged_at": int(match.group(1)) if (diverged and match) else None,
+        "diverged_at": diverged_at if diverged else None,
         "failed": failed,
         "finished": finished,
         # curves against epochs: iteration i ends after (i + 1) / iterations-per-epoch epochs

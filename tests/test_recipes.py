@@ -26,7 +26,7 @@ from largebatch.config import add_largebatch_config
 from largebatch.engine.setup import load_config, register_datasets
 from largebatch.engine.trainer import LargeBatchTrainer
 from largebatch.norm import GroupSyncBatchNorm, bn_size
-from largebatch.optim import AGVM, LARS, PMDLAMB
+from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB
 from largebatch.optim.groups import ModulePartition
 from largebatch.schedule import prepare_solver
 
@@ -36,7 +36,9 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursi
 RECIPES = [p for p in ALL_CONFIGS if not os.path.basename(p).startswith("Base-")]
 COCO_TRAIN_IMAGES = 117266  # COCO train2017 images with annotations (detectron2 counts 118287 before filtering)
 IMAGES_PER_GPU = 8  # what every COCO recipe assumes
-OPTIMIZER_CLASSES = {"SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW, "LARS": LARS, "PMDLAMB": PMDLAMB}
+OPTIMIZER_CLASSES = {
+    "SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW, "LARS": LARS, "LAMB": LAMB, "PMDLAMB": PMDLAMB,
+}
 
 
 def _rel(path):

@@ -68,7 +68,11 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
     ], 0, "BASE_LR 0.02 -> 0.08 (rule linear, total batch 64, reference 16, factor 4)\n")
     bad = _fake_arm(tmp_path, "bad", [{"iteration": 19, "total_loss": 7.5}], 1,
                     "FloatingPointError: Training diverged at iteration 20: non-finite losses total_loss=nan\n")
+    d2_nan = _fake_arm(tmp_path, "d2_nan", [{"iteration": 19, "total_loss": 1.1}, {"iteration": 23, "total_loss": 1.2}],
+                       1, "FloatingPointError: Predicted boxes or scores contain Inf/NaN. Training has diverged.\n")
     rows = [study.summarize_arm(ok, dict(info, arm="ok")), study.summarize_arm(bad, dict(info, arm="bad"))]
+    nan_row = study.summarize_arm(d2_nan, dict(info, arm="d2_nan"))  # detectron2's own check names no iteration
+    assert nan_row["diverged"] and nan_row["diverged_at"] == 23 and nan_row["ap50"] == 0.0
     assert rows[0]["finished"] and not rows[0]["diverged"] and rows[0]["lr"] == 0.08
     assert rows[0]["ap_curve"] == [(1.0, 10.0, 20.0), (2.0, 30.5, 55.25)]
     assert rows[1]["diverged"] and rows[1]["ap"] == 0.0 and rows[1]["diverged_at"] == 20
@@ -105,3 +109,17 @@ def test_tiny_study_run_writes_a_parsed_table_and_a_png(tmp_path):
     # the run is reusable: same settings -> done
     opts = study.arm_overrides(study.parse_args(cmd[2:]))
     assert study.is_done(os.path.join(out, "sgd_b8"), study.resolve_arm("sgd_b8", opts, 1), opts, 1)
+
+
+def test_evaluations_missing_from_metrics_json_are_read_from_the_log():
+    # epoch = 16 iterations < detectron2's writer period (20): metrics.json keeps the evaluation at 79, not 63
+    info = {"max_iter": 96, "eval_period": 16}
+    assert study.eval_iterations(info) == [15, 31, 47, 63, 79, 96]
+    log = "".join(f"[t] d2.evaluation.testing INFO: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+                  f"[t] d2.evaluation.testing INFO: copypaste: {ap:.4f},{2 * ap:.4f},0.0,0.0,0.0,nan\n"
+                  for ap in (1, 2, 3, 4, 5, 6))
+    metrics = [{"iteration": it, "bbox/AP": ap + 0.00001, "bbox/AP50": 2 * ap} for it, ap in
+               ((15, 1), (31, 2), (47, 3), (79, 5), (96, 6))]
+    evals = study.merge_evals(metrics, log, study.eval_iterations(info))
+    assert [it for it, *_ in evals] == [15, 31, 47, 63, 79, 96]
+    assert evals[3] == (63, 4.0, 8.0) and evals[4] == (79, 5.00001, 10)

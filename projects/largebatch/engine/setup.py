@@ -24,6 +24,9 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         raise ConfigError("--config-file is required: e.g. --config-file configs/shapes/demo.yaml")
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file!r}: no such file")
+    flags = [o for o in opts if str(o).startswith("--")]
+    if flags:  # argparse hands everything after the first KEY VALUE pair to the overrides
+        raise ConfigError(f"{flags[0]!r} is an argument, not a config key: put arguments before the KEY VALUE overrides")
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
     cfg = add_largebatch_config(get_cfg())
