@@ -43,13 +43,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects"))
+
+from largebatch.utils import atomic_write  # noqa: E402
 
 CONFIG_DIR = os.path.join("configs", "shapes", "study")
 ARMS = ("sgd_b8", "sgd_b64_linear", "lars_b64", "lamb_b64", "pmdlamb_b64", "agvm_sgd_b64")
@@ -86,8 +87,12 @@ def resolve_arm(arm: str, opts: List[str], num_workers: int) -> dict:
     s = resolved.SOLVER
     total_batch = s.IMS_PER_BATCH * s.ACCUMULATE_STEPS
     optimizer = s.OPTIMIZER.upper()
+    if optimizer == "LARS":
+        optimizer += f" (eta {s.LARS.TRUST_COEFFICIENT:g})"
+    elif optimizer == "PMDLAMB":  # its LR is the global eta: every layer moves by eta x alpha x ||w||
+        optimizer += f" (alpha {s.PMDLAMB.SCALE:g}, T {s.PMDLAMB.CYCLE})"
     if s.AGVM.ENABLED:
-        optimizer = f"{optimizer} + AGVM"
+        optimizer += f" + AGVM (tau {s.AGVM.INTERVAL})"
     return {
         "arm": arm,
         "config": config_file,
@@ -206,6 +211,8 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
         "wall_s": result.get("wall_s"),
         "cpu_s": result.get("cpu_s"),
         "load": result.get("load_avg"),
+        "started": result.get("started"),
+        "ended": result.get("finished"),
         "returncode": returncode,
         "diverged": diverged,
         "diverged_at": diverged_at if diverged else None,
@@ -231,20 +238,6 @@ def is_done(arm_dir: str, info: dict, opts: List[str], num_workers: int) -> bool
 # -------------------------------------------------------------------------------------------------------------
 # running an arm
 # -------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write, mode: str = "w") -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _children_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -306,7 +299,7 @@ def run_arm(arm: str, arm_dir: str, opts: List[str], num_workers: int, python: s
         "started": started,
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    _atomic_write(os.path.join(arm_dir, "result.json"), lambda f: json.dump(result, f, indent=1))
+    atomic_write(os.path.join(arm_dir, "result.json"), lambda f: json.dump(result, f, indent=1))
     return result
 
 
@@ -356,19 +349,28 @@ def report(rows: List[dict], args, command: str) -> str:
                   f"every {args.eval_period} epoch(s) and at the end")
     import torch
 
+    starts = [r["started"] for r in rows if r.get("started")]
+    ends = [r["ended"] for r in rows if r.get("ended")]
+    when = f"{min(starts)} to {max(ends)}" if starts and ends else datetime.datetime.now().isoformat(timespec="seconds")
+    wall = sum(r["wall_s"] or 0 for r in rows)
+    cpu = sum(r["cpu_s"] or 0 for r in rows)
     text = [
         "# Large-batch study on the embedded shapes dataset",
         "",
         f"`{command}`",
         "",
-        f"Measured {datetime.datetime.now().isoformat(timespec='minutes')} on {os.cpu_count()} CPU cores "
+        f"Measured {when} on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}, {args.num_workers} CPU "
         f"worker(s) over gloo; {length}.",
         "",
         table(rows),
         "",
+        f"All arms: wall time {_duration(wall)}, CPU time {_duration(cpu)} (min:s).",
+        "",
         "AP / AP50: detectron2's COCOEvaluator (percent) at the last evaluation (0 for a diverged arm). Final loss: "
-        "total_loss of the last metrics.json record (detectron2's median over the last 20 iterations). Wall "
+        "total_loss of the last metrics.json record (detectron2's median over the last 20 iterations; for a "
+        "diverged arm the last one recorded before it stopped). Diverged: the run stopped on a non-finite loss / "
+        "gradient (largebatch's guard, which names the iteration) or on detectron2's own NaN check. Wall "
         "time: the whole train_net.py process (start-up, training, evaluations). CPU time: user + system time of "
         "all its processes; on an otherwise idle machine the wall time is about CPU time / min(cores, workers) "
         "(+ the serial start-up and evaluation). Load: mean 1-minute "
@@ -412,7 +414,7 @@ def plot(rows: List[dict], path: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")  # save_figure, at this dpi
     plt.close(fig)
 
 
@@ -455,7 +457,7 @@ def main(argv=None) -> int:
     if args.report_only:  # the table says which command produced the runs, not this report-only one
         command = (read_json(study_json) or {}).get("command", command.replace(" --report-only", ""))
     else:
-        _atomic_write(study_json, lambda f: json.dump({"command": command, "overrides": opts, "arms": args.arm_list,
+        atomic_write(study_json, lambda f: json.dump({"command": command, "overrides": opts, "arms": args.arm_list,
                                                        "num_workers": args.num_workers}, f, indent=1))
     rows = []
     for arm in args.arm_list:
@@ -473,7 +475,7 @@ def main(argv=None) -> int:
                       f"load {res['load_avg']})", flush=True)
         rows.append(summarize_arm(arm_dir, info))
         # the report after every arm: a long study shows its progress, and a kill leaves a table of what ran
-        _atomic_write(os.path.join(output, "study.md"), lambda f: f.write(report(rows, args, command)))
+        atomic_write(os.path.join(output, "study.md"), lambda f: f.write(report(rows, args, command)))
         plot(rows, os.path.join(output, "study.png"))
     print(table(rows))
     print(f"\n[study] wrote {os.path.join(output, 'study.md')} and {os.path.join(output, 'study.png')}")

@@ -24,10 +24,10 @@ def _datasets(monkeypatch):
 EXPECTED = {
     "sgd_b8": ("SGD", 8, 0.01, 768),
     "sgd_b64_linear": ("SGD", 64, 0.08, 96),
-    "lars_b64": ("LARS", 64, 0.0008, 96),
+    "lars_b64": ("LARS (eta 1)", 64, 0.0008, 96),
     "lamb_b64": ("LAMB", 64, 0.00096, 96),
-    "pmdlamb_b64": ("PMDLAMB", 64, 0.08, 96),
-    "agvm_sgd_b64": ("SGD + AGVM", 64, 0.08, 96),
+    "pmdlamb_b64": ("PMDLAMB (alpha 0.012, T 16)", 64, 0.08, 96),
+    "agvm_sgd_b64": ("SGD + AGVM (tau 10)", 64, 0.08, 96),
 }
 
 
