@@ -162,3 +162,18 @@ def test_two_machines_on_localhost_train_together(tmp_path):
     # only the global main process writes checkpoints and metrics
     assert os.path.exists(tmp_path / "0" / "model_final.pth")
     assert not os.path.exists(tmp_path / "1" / "model_final.pth")
+
+
+def test_torchrun_workers_join_its_process_group(tmp_path):
+    """Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set), train_net.py joins that group instead of spawning."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "train_net.py", "--config-file", CONFIG, *TINY,
+         "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Rank of current process: 0. World size: 2" in result.stdout + result.stderr
+    with open(tmp_path / "log.txt.rank1") as f:
+        assert "Rank of current process: 1. World size: 2" in f.read()
+    assert os.path.exists(tmp_path / "model_final.pth")
