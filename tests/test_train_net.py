@@ -60,6 +60,7 @@ def test_collect_env_reports_versions():
         (["--config-file", CONFIG, "SOLVER.OPTIMIZER", "adam"], "SOLVER.OPTIMIZER = 'adam' is not allowed"),
         (["--config-file", CONFIG, "SOLVER.LR_SCHEDULER_NAME", "Step"], "expected one of WarmupMultiStepLR"),
         (["--config-file", CONFIG, "--eval-only"], "--eval-only: MODEL.WEIGHTS"),
+        (["--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "1"], "SOLVER.IMS_PER_BATCH = 1 is not allowed on one worker"),
         (["--config-file", CONFIG, "SOLVER.MAX_ITER", "5", "--resume"], "'--resume' is an argument, not a config key"),
     ],
 )

@@ -47,6 +47,12 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ConfigError("SOLVER.AMP.ENABLED = True is not allowed on CPU: AMP needs a GPU")
     validate(cfg)
+    measures_variance = cfg.SOLVER.AGVM.ENABLED or (cfg.MONITOR.ENABLED and cfg.MONITOR.GRAD_VARIANCE)
+    if num_workers == 1 and measures_variance and cfg.SOLVER.IMS_PER_BATCH < 2:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} is not allowed on one worker with gradient variance "
+            "(AGVM or MONITOR.GRAD_VARIANCE): expected >= 2 images, split in two halves"
+        )
     return cfg
 
 
