@@ -92,3 +92,39 @@ def test_accumulation_under_ddp_equals_the_global_big_batch():
     results = run_workers(_ddp_worker, 2, 4)
     # one bucket all-reduced once: for the last of the 4 micro-batches only
     assert results == [(1, [True, True, True, True])] * 2
+
+
+class FloatTinyDetector(TinyDetector):
+    def __init__(self):
+        super().__init__()
+        self.float()
+
+    def forward(self, batch):
+        return super().forward([{k: v.float() for k, v in d.items()} for d in batch])
+
+
+def test_amp_gradients_are_unscaled_before_anything_reads_them():
+    """SOLVER.AMP.ENABLED (bfloat16 autocast on CPU): the finiteness check, the gradient variance, clipping
+    inside the step and the monitor all see the true gradient, not the loss-scaled one."""
+    from largebatch.optim import AGVM
+
+    samples = _samples(0, IMAGES_PER_WORKER_STEP)
+    reference = FloatTinyDetector()
+    sum(reference(samples).values()).backward()
+    expected = [p.grad for p in reference.parameters()]
+
+    model = FloatTinyDetector()
+    groups = build_param_groups(model, base_lr=0.0, weight_decay=0.0)
+    optimizer = AGVM(torch.optim.SGD(groups, lr=0.0), interval=1)
+    stepper = LargeBatchStepper(model, _loader(samples, 4), optimizer, accumulate_steps=2, amp=True,
+                                device_type="cpu", variance_period=1)
+    stepper.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    with EventStorage(0):
+        stepper.iter = 0
+        stepper.run_step()
+    for p, e in zip(model.parameters(), expected):  # bfloat16 matmuls: ~1% agreement, and no factor 2**14
+        torch.testing.assert_close(p.grad, e, rtol=5e-2, atol=5e-3)
+    norms = torch.stack([p.grad.norm() for p in model.parameters()])
+    torch.testing.assert_close(stepper.grad_norms, norms)
+    assert set(stepper.last_phi) == {"backbone", "rpn"}
+    assert all(0.0 <= phi <= 2.0 for phi in stepper.last_phi.values())

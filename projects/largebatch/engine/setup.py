@@ -44,8 +44,6 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         logger.warning("MODEL.DEVICE=%s but no GPU is available: training on CPU, %d gloo worker(s)",
                        cfg.MODEL.DEVICE, num_workers)
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ConfigError("SOLVER.AMP.ENABLED = True is not allowed on CPU: AMP needs a GPU")
     validate(cfg)
     measures_variance = cfg.SOLVER.AGVM.ENABLED or (cfg.MONITOR.ENABLED and cfg.MONITOR.GRAD_VARIANCE)
     if num_workers == 1 and measures_variance and cfg.SOLVER.IMS_PER_BATCH < 2:

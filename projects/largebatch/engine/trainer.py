@@ -69,14 +69,18 @@ class LargeBatchStepper(SimpleTrainer):
         data_loader, optimizer: as for SimpleTrainer; ``optimizer`` may be an ``AGVM`` wrapper.
         accumulate_steps: micro-batches per optimizer step (DDP all-reduces only the last one).
         variance_period: measure grad_var/<part> every this many iterations (0: only when AGVM needs it).
-        amp: torch.autocast + GradScaler (CUDA only), gradients unscaled before anything reads them.
+        amp: torch.autocast (float16 on CUDA, bfloat16 on CPU) + GradScaler; the gradients are unscaled
+            before anything reads them (finiteness check, gradient variance, clipping, trust ratios).
+        device_type: "cuda" or "cpu", for AMP.
     """
 
-    def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False):
+    def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False,
+                 device_type="cuda"):
         super().__init__(model, data_loader, optimizer)
         self.accumulate_steps = accumulate_steps
         self.variance_period = variance_period
-        self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.device_type = device_type
+        self.grad_scaler = torch.amp.GradScaler(device_type) if amp else None
         self.layout = ModuleLayout(optimizer)  # follows the optimizer's groups across load_state_dict
         self.world_size = comm.get_world_size()
         self.reducer = HalfGroupReducer(self.world_size) if self.world_size > 1 else None
@@ -94,7 +98,7 @@ class LargeBatchStepper(SimpleTrainer):
     def _forward_backward(self, data, scale: float, sync: bool) -> Dict[str, torch.Tensor]:
         no_sync = isinstance(self.model, DistributedDataParallel) and not sync
         with self.model.no_sync() if no_sync else nullcontext():
-            with torch.autocast("cuda") if self.grad_scaler is not None else nullcontext():
+            with torch.autocast(self.device_type) if self.grad_scaler is not None else nullcontext():
                 loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}
@@ -241,6 +245,7 @@ class LargeBatchTrainer(DefaultTrainer):
             accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS,
             variance_period=monitor.PERIOD if monitor.ENABLED and monitor.GRAD_VARIANCE else 0,
             amp=cfg.SOLVER.AMP.ENABLED,
+            device_type="cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu",
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
