@@ -207,16 +207,17 @@ def test_recipe_trains_one_iteration(path, shapes_root, tmp_path):
 @pytest.mark.parametrize("policy", ["", "_long"])
 def test_megdet_matches_paper(batch, policy):
     """MegDet Sec. 4: LR 0.02 at batch 16, linearly scaled; normal policy x0.1 at epochs 8, 10, end 11; long
-    x0.1 at 11, 14, end 18; warm-up from the batch-16 LR; BN size 16 (batch 16) or 32 (Table 3)."""
+    x0.1 at 11, 14, x0.5 at 17, end 18; warm-up from the batch-16 LR; BN size 16 (batch 16) or 32 (Table 3)."""
     cfg, world_size = _resolved_at_scale(f"COCO-Detection/megdet_R_50_FPN_b{batch}{policy}.yaml")
     s = cfg.SOLVER
     assert s.OPTIMIZER == "SGD" and s.MOMENTUM == 0.9 and s.WEIGHT_DECAY == 1e-4
     assert s.IMS_PER_BATCH == batch
     assert s.BASE_LR == pytest.approx(0.02 * batch / 16)  # 0.32 at batch 256
     assert s.BASE_LR * s.WARMUP_FACTOR == pytest.approx(0.02) and s.WARMUP_METHOD == "linear"
-    steps, end = ((11, 14), 18) if policy else ((8, 10), 11)
+    steps, end = ((11, 14, 17), 18) if policy else ((8, 10), 11)
     assert s.MAX_ITER == _iterations(end, batch)
-    assert tuple(s.STEPS) == tuple(_iterations(e, batch) for e in steps) and s.GAMMA == 0.1
+    assert tuple(s.STEPS) == tuple(_iterations(e, batch) for e in steps)
+    assert list(s.STEP_GAMMAS) == ([0.1, 0.1, 0.5] if policy else []) and s.GAMMA == 0.1
     assert cfg.MODEL.SYNC_BN.ENABLED
     assert bn_size(cfg.MODEL.SYNC_BN.GROUP_SIZE, world_size, IMAGES_PER_GPU) == (16 if batch == 16 else 32)
 

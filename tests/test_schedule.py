@@ -407,3 +407,32 @@ def test_end_lr_above_base_lr_is_an_error():
     cfg = make_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", BASE_LR=0.01, BASE_LR_END=0.1)
     with pytest.raises(ConfigError, match=r"^SOLVER.BASE_LR_END = 0.1 is not allowed: expected a number <= "):
         lr_curve(cfg)
+
+
+def _cfg_for_steps():
+    from detectron2.config import get_cfg
+    from largebatch.config import add_largebatch_config
+
+    cfg = add_largebatch_config(get_cfg())
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS = 0.1, 18, 0
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+    cfg.SOLVER.STEPS, cfg.SOLVER.STEP_GAMMAS = (11, 14, 17), [0.1, 0.1, 0.5]
+    return cfg
+
+
+def test_multistep_with_one_gamma_per_step_megdet_long_policy():
+    """SOLVER.STEP_GAMMAS: MegDet's long policy, x0.1 at 11 and 14, x0.5 at 17 (epochs as iterations here)."""
+    from largebatch.schedule import lr_curve
+
+    lrs = lr_curve(_cfg_for_steps())
+    expected = [0.1 * (1.0 if t < 11 else 0.1 if t < 14 else 0.01 if t < 17 else 0.005) for t in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_step_gammas_must_match_the_steps():
+    from largebatch.config import ConfigError, validate
+
+    cfg = _cfg_for_steps()
+    cfg.SOLVER.STEP_GAMMAS = [0.1, 0.5]
+    with pytest.raises(ConfigError, match="SOLVER.STEP_GAMMAS"):
+        validate(cfg)

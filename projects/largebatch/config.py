@@ -85,6 +85,9 @@ def add_largebatch_config(cfg):
     # LR schedules (largebatch/schedule.py); SOLVER.LR_SCHEDULER_NAME is one of WarmupMultiStepLR,
     # WarmupCosineLR, WarmupCosineRestartsLR. Warm-up: detectron2's WARMUP_FACTOR/WARMUP_ITERS/WARMUP_METHOD.
     # ---------------------------------------------------------------------------------------------------------
+    # WarmupMultiStepLR: one multiplier per SOLVER.STEPS entry (MegDet's long policy: 0.1, 0.1, 0.5);
+    # empty = SOLVER.GAMMA at every step.
+    _C.SOLVER.STEP_GAMMAS = []
     # The LR that cosine schedules end at (detectron2 0.6 lacks this key; main has it).
     if "BASE_LR_END" not in _C.SOLVER:
         _C.SOLVER.BASE_LR_END = 0.0
@@ -244,6 +247,9 @@ def validate(cfg):
         if len(rule) != 2:
             _fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
         _choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
+    if s.STEP_GAMMAS and (len(s.STEP_GAMMAS) != len(s.STEPS) or not all(g > 0 for g in s.STEP_GAMMAS)):
+        _fail("SOLVER.STEP_GAMMAS", tuple(s.STEP_GAMMAS),
+              f"expected one number > 0 per SOLVER.STEPS entry ({len(s.STEPS)}), or empty for SOLVER.GAMMA")
     if list(s.STEPS) != sorted(s.STEPS):
         _fail("SOLVER.STEPS", tuple(s.STEPS), "expected increasing iterations")
     return cfg

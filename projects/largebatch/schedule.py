@@ -72,22 +72,29 @@ def _iteration(where: float, num_updates: float) -> float:
 
 
 class MultiStepParamScheduler(ParamScheduler):
-    """``gamma ** k`` where k is the number of milestones (iterations) <= the current iteration.
+    """The product of the gammas of the milestones (iterations) <= the current iteration: ``gamma ** k`` with
+    one ``gamma``, or per-milestone multipliers ``gammas`` (MegDet's long policy: 0.1, 0.1, 0.5).
 
     Unlike fvcore's MultiStepParamScheduler, milestones may be 0 or repeat (a repeated milestone multiplies by
-    gamma twice), and ``where`` is snapped to whole iterations (see module doc).
+    its gamma twice), and ``where`` is snapped to whole iterations (see module doc).
     """
 
-    def __init__(self, gamma: float, milestones: List[int], num_updates: int):
+    def __init__(self, gamma: float, milestones: List[int], num_updates: int, gammas: Optional[List[float]] = None):
         if num_updates <= 0:
             raise ValueError(f"num_updates must be > 0, got {num_updates}")
-        self._gamma = float(gamma)
-        self._milestones = sorted(milestones)
+        gammas = [float(gamma)] * len(milestones) if not gammas else [float(g) for g in gammas]
+        if len(gammas) != len(milestones):
+            raise ValueError(f"gammas: expected one per milestone ({len(milestones)}), got {len(gammas)}")
+        pairs = sorted(zip(milestones, gammas), key=lambda pair: pair[0])
+        self._milestones = [m for m, _ in pairs]
+        self._products = [1.0]  # the multiplier after k milestones
+        for _, g in pairs:
+            self._products.append(self._products[-1] * g)
         self._num_updates = num_updates
 
     def __call__(self, where: float) -> float:
         k = bisect.bisect_right(self._milestones, _iteration(where, self._num_updates))
-        return self._gamma ** k
+        return self._products[k]
 
 
 class CosineRestartsParamScheduler(ParamScheduler):
@@ -180,12 +187,13 @@ def _main_scheduler(cfg) -> ParamScheduler:
     name = _choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
     max_iter = s.MAX_ITER
     if name == "WarmupMultiStepLR":
-        steps = [x for x in s.STEPS if x < max_iter]
-        if len(steps) != len(s.STEPS):
+        kept = [i for i, x in enumerate(s.STEPS) if x < max_iter]
+        if len(kept) != len(s.STEPS):
             logger.warning(
                 "SOLVER.STEPS %s: the steps >= SOLVER.MAX_ITER (%s) are ignored", tuple(s.STEPS), max_iter
             )
-        return MultiStepParamScheduler(s.GAMMA, steps, max_iter)
+        gammas = [s.STEP_GAMMAS[i] for i in kept] if s.STEP_GAMMAS else None
+        return MultiStepParamScheduler(s.GAMMA, [s.STEPS[i] for i in kept], max_iter, gammas)
     if name == "WarmupCosineLR":
         return CosineParamScheduler(1.0, _end_ratio(cfg))
     # WarmupCosineRestartsLR
