@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -29,16 +28,11 @@ from ..monitor import HalfGroupReducer, ModuleLayout, broadcast_from_main, cosin
 from ..norm import build_sync_bn_from_cfg
 from ..optim import AGVM, build_optimizer
 from ..optim.groups import ModulePartition
-from ..schedule import build_lr_scheduler, prepare_solver
+from ..schedule import build_lr_scheduler, prepare_solver, train_set_size
 from ..utils import atomic_write
 from .hooks import MonitorHook
 
 logger = logging.getLogger("largebatch")
-
-
-def num_train_images(cfg) -> int:
-    """Images in cfg.DATASETS.TRAIN, as registered (before detectron2 filters images without objects)."""
-    return sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -234,7 +228,9 @@ class LargeBatchTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = prepare_solver(cfg, comm.get_world_size(), num_train_images(cfg))
+        # the training set is only counted for epoch units (for COCO, reading its json takes a while)
+        images = train_set_size(cfg) if cfg.SOLVER.SCHEDULE_UNIT == "epoch" else None
+        cfg = prepare_solver(cfg, comm.get_world_size(), images)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
