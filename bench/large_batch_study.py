@@ -76,13 +76,12 @@ def arm_overrides(args) -> List[str]:
 def resolve_arm(arm: str, opts: List[str], num_workers: int) -> dict:
     """The arm's resolved solver settings as the trainer will see them (config + overrides + prepare_solver)."""
     from largebatch.engine.setup import load_config, register_datasets
-    from largebatch.engine.trainer import num_train_images
-    from largebatch.schedule import prepare_solver
+    from largebatch.schedule import prepare_solver, train_set_size
 
     config_file = os.path.join(CONFIG_DIR, arm + ".yaml")
     cfg = load_config(os.path.join(REPO, config_file), opts, num_workers)
     register_datasets(cfg)
-    images = num_train_images(cfg)
+    images = train_set_size(cfg)
     resolved = prepare_solver(cfg, num_workers, images)
     s = resolved.SOLVER
     total_batch = s.IMS_PER_BATCH * s.ACCUMULATE_STEPS

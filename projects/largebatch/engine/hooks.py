@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional
 
 import torch
@@ -47,6 +46,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..optim import AGVM
+from ..utils import atomic_write
 
 logger = logging.getLogger("largebatch")
 
@@ -168,17 +168,7 @@ class MonitorHook(HookBase):
                         break  # a line cut short by a crash: nothing after it is kept
             else:
                 logger.warning("%s describes other layers: starting it anew", self.path)
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=LAYER_STATS_FILE + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join([_dumps(header)] + kept) + "\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(self.path, lambda f: f.write("\n".join([_dumps(header)] + kept) + "\n"))
 
     # -- every iteration: one modulo, nothing else ----------------------------------------------------------
     def before_step(self):
