@@ -139,3 +139,16 @@ def test_a_small_detector_trains_a_few_iterations_with_each_optimizer(optimizer,
 
 def _name(model, param):
     return next(n for n, p in model.named_parameters() if p is param)
+
+
+def test_sync_bn_parts_select_which_detector_parts_are_converted():
+    from largebatch import LargeBatchTrainer
+    from largebatch.norm import GroupSyncBatchNorm
+
+    cfg = small_cfg("MODEL.FPN.NORM", "BN", "MODEL.SYNC_BN.ENABLED", "True", "MODEL.SYNC_BN.PARTS", '["fpn"]')
+    model = LargeBatchTrainer.build_model(cfg)
+    partition = ModulePartition()
+    converted = {partition(n + ".weight") for n, m in model.named_modules() if isinstance(m, GroupSyncBatchNorm)}
+    plain = {partition(n + ".weight") for n, m in model.named_modules()
+             if isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, GroupSyncBatchNorm)}
+    assert converted == {"fpn"} and plain == {"backbone"}
