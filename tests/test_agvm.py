@@ -160,7 +160,17 @@ def check_sgd_step(model, before, grad, optimizer, mu):
         torch.testing.assert_close(p.detach(), expected, **TIGHT)
 
 
-def check_metrics(storage, iteration, phi, mu):
+def check_halves(stepper, model, measured, g1, g2):
+    """The G1 / G2 the stepper measured (flat, layout order) equal the reference half means."""
+    for got, ref in zip(measured, (g1, g2)):
+        named = flat_to_named(got, stepper.layout, model)
+        for k in ref:
+            torch.testing.assert_close(named[k], ref[k], **TIGHT)
+
+
+def check_measurement(stepper, storage, iteration, phi, mu):
+    """The stepper's Phi and the grad_var / agvm_mu metrics of this iteration equal the references."""
+    assert stepper.last_phi == pytest.approx(phi, rel=1e-9, abs=1e-12)
     latest = storage.latest()
     for m in MODULES:
         value, it = latest[f"grad_var/{m}"]
@@ -360,15 +370,10 @@ def test_single_worker_splits_each_micro_batch_in_halves():
             if it % 2 == 0:
                 g1 = mean_grads([ref_grads_at(before, b[:2]) for b in micro])
                 g2 = mean_grads([ref_grads_at(before, b[2:]) for b in micro])
-                got1, got2 = captured[-1]
-                for got, ref in ((got1, g1), (got2, g2)):
-                    named = flat_to_named(got, stepper.layout, model)
-                    for k in ref:
-                        torch.testing.assert_close(named[k], ref[k], **TIGHT)
+                check_halves(stepper, model, captured[-1], g1, g2)
                 phi = ref_phi(g1, g2)
                 mu = ref_update(mu, phi)
-                assert stepper.last_phi == pytest.approx(phi, rel=1e-9, abs=1e-12)
-                check_metrics(storage, it, phi, mu)
+                check_measurement(stepper, storage, it, phi, mu)
                 grad = mean_grads([g1, g2])
             else:
                 grad = mean_grads([ref_grads_at(before, b) for b in micro])
@@ -409,14 +414,10 @@ def _half_groups_worker(rank, world_size, accumulate):
             stepper.run_step()
             if it % 2 == 0:
                 g1, g2 = mean_grads([local[r] for r in first]), mean_grads([local[r] for r in second])
-                for got, ref in zip(captured[-1], (g1, g2)):
-                    named = flat_to_named(got, stepper.layout, model)
-                    for k in ref:
-                        torch.testing.assert_close(named[k], ref[k], **TIGHT)
+                check_halves(stepper, model, captured[-1], g1, g2)
                 phi = ref_phi(g1, g2)
                 mu = ref_update(mu, phi)
-                assert stepper.last_phi == pytest.approx(phi, rel=1e-9, abs=1e-12)
-                check_metrics(storage, it, phi, mu)
+                check_measurement(stepper, storage, it, phi, mu)
             else:
                 assert len(captured) == 1
             assert agvm.mu == pytest.approx(mu, rel=1e-12)
@@ -440,16 +441,12 @@ def _half_groups_worker(rank, world_size, accumulate):
             storage.iter = stepper.iter = it
             stepper.run_step()
             g1, g2 = mean_grads([local[r] for r in first]), mean_grads([local[r] for r in second])
-            for got, ref in zip(captured[-1], (g1, g2)):
-                named = flat_to_named(got, stepper.layout, model)
-                for k in ref:
-                    torch.testing.assert_close(named[k], ref[k], **TIGHT)
+            check_halves(stepper, model, captured[-1], g1, g2)
             phi = ref_phi(adam_normalized(g1, v, 0.999, 1e-8), adam_normalized(g2, v, 0.999, 1e-8))
             plain = ref_phi(g1, g2)
             assert any(abs(phi[m] - plain[m]) > 1e-6 for m in MODULES)  # the normalisation matters here
             mu = ref_update(mu, phi)
-            assert stepper.last_phi == pytest.approx(phi, rel=1e-9, abs=1e-12)
-            check_metrics(storage, it, phi, mu)
+            check_measurement(stepper, storage, it, phi, mu)
             for n, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, mean_grads(local)[n], **TIGHT)
     results["adamw_mu"] = dict(agvm.mu)
