@@ -5,8 +5,7 @@ anything is built, so a bad value fails at once with one line naming the key, th
 """
 from detectron2.config import CfgNode as CN
 
-OPTIMIZERS = ("SGD", "ADAMW", "LARS", "LAMB", "PMDLAMB")
-ADAM_FAMILY = ("ADAMW", "LAMB", "PMDLAMB")
+from .optim.build import OPTIMIZERS
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")

@@ -10,7 +10,7 @@ so every worker applies the same AGVM multipliers. On one worker the two halves 
 batch (see the trainer). AGVM and the monitoring hook share this one implementation.
 """
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -179,15 +179,3 @@ def broadcast_from_main(values: torch.Tensor) -> torch.Tensor:
         dist.broadcast(values, src=0)
     return values
 
-
-def weight_grad_ratios(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """||w|| / ||g|| per tensor (LargeDet Fig. 3); 1.0 where either norm is 0, NaN where there is no grad."""
-    with_grad = [p for p in params if p.grad is not None]
-    out = torch.full((len(params),), float("nan"), dtype=torch.float32, device=params[0].device if params else "cpu")
-    if not with_grad:
-        return out
-    w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).float()
-    g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float()
-    ratio = torch.where((w > 0) & (g > 0), w / g.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(w))
-    index = torch.tensor([i for i, p in enumerate(params) if p.grad is not None], device=out.device)
-    return out.index_copy(0, index, ratio)

@@ -9,7 +9,7 @@ Plain PyTorch: no detectron2 import here.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,7 +102,3 @@ def build_param_groups(
             groups[key]["param_names"].append(name)
     return list(groups.values())
 
-
-def parts_of(param_groups: Iterable[Dict]) -> List[str]:
-    """The detector parts present in these groups, in order of first appearance."""
-    return list(OrderedDict((g["module"], None) for g in param_groups))
