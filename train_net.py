@@ -5,7 +5,8 @@
     python train_net.py --num-gpus 2 --config-file configs/shapes/demo.yaml SOLVER.MAX_ITER 100
     python train_net.py --eval-only --config-file configs/shapes/demo.yaml MODEL.WEIGHTS output/demo/model_final.pth
 
-Without GPUs, --num-gpus N starts N CPU worker processes over gloo.
+MODEL.DEVICE decides the workers: cuda -> one process per GPU over NCCL; cpu -> --num-gpus N starts N CPU
+worker processes over gloo, with the GPUs hidden from them.
 """
 import os
 import sys
@@ -22,13 +23,14 @@ from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError
+from largebatch.engine.launch import device_type, hide_gpus
 from largebatch.engine.setup import load_config, setup
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = LargeBatchTrainer.build_model(cfg)
+        model = LargeBatchTrainer.build_model(cfg, for_training=False)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = LargeBatchTrainer.test(cfg, model)
         if comm.is_main_process():
@@ -49,6 +51,8 @@ def cli(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print("Command Line Args:", args)
+    if device_type(cfg.MODEL.DEVICE) == "cpu":
+        hide_gpus()  # a CPU run makes no CUDA call, in this process and in its workers
     launch(
         main,
         args.num_gpus,
@@ -56,6 +60,7 @@ def cli(argv=None):
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=cfg.MODEL.DEVICE,
     )
 
 

@@ -549,3 +549,85 @@ def test_trainer_resume_restores_mu(tmp_path, monkeypatch):
     phi = {m: latest[f"grad_var/{m}"][0] for m in mu}
     assert latest["agvm_mu/rpn"][1] == 4
     assert resumed._trainer.optimizer.mu == pytest.approx(ref_update(mu, phi), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------
+# non-finite Phi and steps GradScaler skips (float16 overflow)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_update_leaves_mu_unchanged_for_a_non_finite_phi(bad, caplog):
+    agvm = sgd_agvm(tiny_model(), interval=1)
+    agvm.update({"backbone": 0.5, "rpn": 0.2, "box_head": 0.1})
+    before = dict(agvm.mu)
+    with caplog.at_level("WARNING", logger="largebatch"):
+        mu = agvm.update({"backbone": 0.5, "rpn": bad, "box_head": 0.1})
+        assert mu["rpn"] == before["rpn"] and all(math.isfinite(v) for v in mu.values())
+        assert mu["box_head"] == pytest.approx(ref_update(before, {"backbone": 0.5, "box_head": 0.1})["box_head"])
+        mu = agvm.update({"backbone": 0.5, "rpn": bad, "box_head": 0.1})
+    assert mu["rpn"] == before["rpn"]
+    assert len([r for r in caplog.records if "non-finite gradient variance of rpn" in r.message]) == 1  # once
+    # a non-finite anchor: eq. 4 has no reference, every part keeps its mu
+    assert agvm.update({"backbone": bad, "rpn": 0.2, "box_head": 0.1}) == agvm.mu == mu
+
+
+def test_a_step_gradscaler_skips_is_not_measured_and_leaves_mu():
+    """AMP overflow on a measurement iteration: GradScaler skips the step, and nothing of it reaches AGVM or
+    the gradient-variance record (before the fix: mu became NaN for the rest of the run)."""
+    model = tiny_model().float()
+    optimizer = sgd_agvm(model, interval=1)
+    batches = [[{k: v.float() for k, v in d.items()} for d in rank_batch(i, 0, n=4)] for i in range(3)]
+    stepper, captured = make_stepper(model, optimizer, batches, amp=True, device_type="cpu")
+    stepper.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    weight = model.backbone[0].weight
+    weight.register_hook(lambda g: torch.full_like(g, float("inf")) if stepper.iter == 1 else g)
+    with EventStorage(0) as storage:
+        stepper.iter = storage.iter = 0
+        stepper.run_step()
+        mu, phi = dict(optimizer.mu), dict(stepper.last_phi)
+        assert mu["rpn"] != 1.0 and all(math.isfinite(v) for v in mu.values())
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        stepper.iter = storage.iter = 1
+        stepper.run_step()
+        assert optimizer.mu == mu and stepper.last_phi == phi  # no measurement, no update
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # the step was skipped
+        assert storage.latest()["grad_var/rpn"][1] == 0 and storage.latest()["agvm_mu/rpn"][1] == 0
+        assert stepper.grad_scaler.get_scale() < 2.0**10  # and the scaler backed off
+        stepper.iter = storage.iter = 2
+        stepper.run_step()
+    assert all(math.isfinite(v) for v in optimizer.mu.values()) and optimizer.mu != mu
+    assert len(captured) == 2  # iterations 0 and 2 were measured, the skipped one was not
+
+
+class _NaNLossOnRank1(TinyDetector):
+    """A loss term without gradient that is NaN on rank 1 at iteration 1: a rank-local divergence that leaves
+    the (all-reduced) gradients finite."""
+
+    def forward(self, batch):
+        losses = super().forward(batch)
+        bad = self.rank == 1 and self.iteration == 1
+        losses["loss_aux"] = torch.tensor(float("nan") if bad else 0.0, dtype=torch.float64)
+        return losses
+
+
+def _rank_local_divergence_worker(rank, world_size):
+    torch.manual_seed(0)
+    model = _NaNLossOnRank1().double()
+    model.rank = rank
+    stepper, _ = make_stepper(model, sgd_agvm(model, interval=5), [rank_batch(i, rank) for i in range(3)])
+    with EventStorage(0) as storage:
+        for iteration in range(3):
+            model.iteration = stepper.iter = storage.iter = iteration
+            try:
+                stepper.run_step()
+            except FloatingPointError as e:
+                return iteration, str(e)
+    return None
+
+
+def test_a_rank_local_non_finite_loss_stops_every_worker_with_one_message():
+    """Before the fix, rank 1 raised alone and rank 0 waited in the next all-reduce for the collective timeout."""
+    results = run_workers(_rank_local_divergence_worker, 2, timeout=60)
+    assert results[0] == results[1], results
+    iteration, message = results[0]
+    assert iteration == 1 and "non-finite losses rank 1: loss_aux=nan" in message, message
+    assert "rank 0" not in message and "Stopped on every worker" in message

@@ -17,6 +17,7 @@ from largebatch.config import ConfigError, add_largebatch_config
 from largebatch.schedule import (
     CosineRestartsParamScheduler,
     build_lr_scheduler,
+    describe_batch,
     lr_curve,
     lr_scale_factor,
     prepare_solver,
@@ -436,3 +437,24 @@ def test_step_gammas_must_match_the_steps():
     cfg.SOLVER.STEP_GAMMAS = [0.1, 0.5]
     with pytest.raises(ConfigError, match="SOLVER.STEP_GAMMAS"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("workers, expected", [
+    (32, None),  # the recipe's 8 images per GPU
+    (16, "SOLVER.IMS_PER_BATCH 128 SOLVER.ACCUMULATE_STEPS 2"),
+    (8, "SOLVER.IMS_PER_BATCH 64 SOLVER.ACCUMULATE_STEPS 4"),  # one 8-GPU machine: 32 images per GPU
+])
+def test_describe_batch_states_images_per_worker_and_bn_size(workers, expected):
+    """MegDet b256 (8 images per GPU, BN groups of 4 GPUs) on fewer GPUs than written for."""
+    from largebatch.engine.setup import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs/COCO-Detection/megdet_R_50_FPN_b256.yaml"), [], workers)
+    info, warning = describe_batch(cfg, workers)
+    per_worker = 256 // workers
+    assert info.startswith(f"Batch: {workers} workers x {per_worker} images = 256 per micro-batch")
+    assert f"BN size {4 * per_worker} (SyncBN over 4 workers)" in info
+    if expected is None:
+        assert warning is None
+    else:
+        assert f"{per_worker} images per worker (256 on {workers} workers) is more than the 8" in warning
+        assert warning.endswith(f"To keep the total batch of 256 at 8 images per worker: {expected}")

@@ -44,12 +44,20 @@ def _metrics(output_dir):
         return [json.loads(line) for line in f]
 
 
-def test_collect_env_reports_versions():
+def test_collect_env_reports_versions(monkeypatch):
+    from detectron2.utils import comm
+
     from largebatch.collect_env import collect_env
 
     text = collect_env()
     for key in ("torch", "torchvision", "detectron2", "detectron2 compiled ops", torch.__version__):
         assert key in text
+    # detectron2 main still calls itself 0.6: told apart by an API only main has
+    if hasattr(comm, "create_local_process_group"):
+        monkeypatch.delattr(comm, "create_local_process_group")
+    assert "0.6, v0.6 release" in collect_env()
+    monkeypatch.setattr(comm, "create_local_process_group", lambda n: None, raising=False)
+    assert "main (post-v0.6)" in collect_env()
 
 
 @pytest.mark.parametrize(
@@ -62,6 +70,9 @@ def test_collect_env_reports_versions():
         (["--config-file", CONFIG, "--eval-only"], "--eval-only: MODEL.WEIGHTS"),
         (["--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "1"], "SOLVER.IMS_PER_BATCH = 1 is not allowed on one worker"),
         (["--config-file", CONFIG, "SOLVER.MAX_ITER", "5", "--resume"], "'--resume' is an argument, not a config key"),
+        (["--num-gpus", "3", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"],
+         "SOLVER.IMS_PER_BATCH = 4 is not allowed on 3 workers: expected a multiple of the number of workers"),
+        (["--config-file", CONFIG, "MODEL.DEVICE", "tpu"], "MODEL.DEVICE = 'tpu' is not allowed: expected cuda"),
     ],
 )
 def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):
@@ -142,6 +153,20 @@ def test_eval_only_reproduces_the_ap_of_training(two_worker_run):
     # the copypaste line prints 4 decimals
     assert values[1] == pytest.approx(trained["bbox/AP50"], abs=5e-5, nan_ok=True)
     assert values[0] == pytest.approx(trained["bbox/AP"], abs=5e-5, nan_ok=True)
+
+
+def test_eval_only_works_on_a_world_size_the_syncbn_group_does_not_divide(two_worker_run):
+    """A recipe with BN groups of 4 evaluated on 2 workers: evaluation never synchronizes BN."""
+    out, _, _, _ = two_worker_run
+    trained = [m for m in _metrics(out) if "bbox/AP50" in m][-1]
+    result = train_net("--eval-only", "--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
+                       "MODEL.SYNC_BN.ENABLED", "True", "MODEL.SYNC_BN.GROUP_SIZE", "4",
+                       "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", out + "/eval_group4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    line = [x for x in log.splitlines() if "copypaste: " in x and "," in x.split("copypaste: ")[1]][-1]
+    ap = float(line.split("copypaste: ")[1].split(",")[0])
+    assert ap == pytest.approx(trained["bbox/AP"], abs=5e-5, nan_ok=True)
 
 
 def test_two_machines_on_localhost_train_together(tmp_path):

@@ -10,6 +10,14 @@ def detectron2_compiled_ops() -> bool:
     return spec is not None and spec.origin is not None and not spec.origin.endswith(".py")
 
 
+def detectron2_flavour() -> str:
+    """"v0.6 release" or "main (post-v0.6)": main still calls itself 0.6, so tell them apart by an API that only
+    main has (``comm.create_local_process_group``, added after the v0.6 release)."""
+    from detectron2.utils import comm
+
+    return "main (post-v0.6)" if hasattr(comm, "create_local_process_group") else "v0.6 release"
+
+
 def collect_env() -> str:
     import torch
     import torchvision
@@ -23,7 +31,7 @@ def collect_env() -> str:
         ("largebatch", f"{largebatch.__version__} @ {os.path.dirname(largebatch.__file__)}"),
         ("torch", torch.__version__),
         ("torchvision", torchvision.__version__),
-        ("detectron2", f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}"),
+        ("detectron2", f"{detectron2.__version__}, {detectron2_flavour()} @ {os.path.dirname(detectron2.__file__)}"),
         ("detectron2 compiled ops", "yes" if compiled else
          "no (deformable conv, rotated boxes and the fast COCO evaluator are unavailable; pycocotools is used)"),
         ("CUDA available", f"{torch.cuda.is_available()} ({torch.cuda.device_count()} GPUs)"),

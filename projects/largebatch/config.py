@@ -10,6 +10,7 @@ LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR"
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
 DETECTOR_PARTS = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
+DEVICE_KINDS = ("cuda", "cpu")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,10 @@ def add_largebatch_config(cfg):
     # One optimizer step from this many micro-batches of IMS_PER_BATCH images (no DDP all-reduce on the
     # first k-1): the total batch is IMS_PER_BATCH * ACCUMULATE_STEPS.
     _C.SOLVER.ACCUMULATE_STEPS = 1
+    # Images per worker (per micro-batch) the recipe was written for: its memory use and its BN size assume it
+    # (the COCO recipes: 8). With more (fewer GPUs than the recipe), a warning at start-up names the
+    # IMS_PER_BATCH / ACCUMULATE_STEPS that keep the recipe's total batch. 0 = no assumption.
+    _C.SOLVER.RECIPE_IMS_PER_WORKER = 0
 
     # ---------------------------------------------------------------------------------------------------------
     # Cross-GPU BatchNorm (MegDet's CGBN, LargeDet's SyncBN), largebatch/norm.py.
@@ -176,9 +181,18 @@ def _choice(cfg_value, key, choices, case_insensitive=False):
     return value
 
 
+def device_kind(device) -> str:
+    """"cuda" or "cpu" for a MODEL.DEVICE value ("cuda", "cuda:1", "cpu"); ConfigError for anything else."""
+    kind = str(device).split(":")[0]
+    if kind not in DEVICE_KINDS:
+        _fail("MODEL.DEVICE", device, "expected cuda, cuda:N or cpu")
+    return kind
+
+
 def validate(cfg):
     """Check every value largebatch reads; raise ConfigError (one line) on the first bad one."""
     s = cfg.SOLVER
+    device_kind(cfg.MODEL.DEVICE)
     _choice(s.OPTIMIZER, "SOLVER.OPTIMIZER", OPTIMIZERS, case_insensitive=True)
     _choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
     _choice(s.LR_SCALING.RULE, "SOLVER.LR_SCALING.RULE", LR_SCALING_RULES)
@@ -215,6 +229,7 @@ def validate(cfg):
         "SOLVER.LAMB.EPS": s.LAMB.EPS,
         "SOLVER.PMDLAMB.EPS": s.PMDLAMB.EPS,
         "SOLVER.RESTARTS.GAMMA": s.RESTARTS.GAMMA,
+        "SOLVER.RECIPE_IMS_PER_WORKER": s.RECIPE_IMS_PER_WORKER,
         "MODEL.SYNC_BN.GROUP_SIZE": cfg.MODEL.SYNC_BN.GROUP_SIZE,
         "MONITOR.DIVERGENCE_FACTOR": cfg.MONITOR.DIVERGENCE_FACTOR,
     }

@@ -301,13 +301,13 @@ def _convert(module, name, group_size, stats_mode, convert_frozen, include, coun
     return module
 
 
-def _convert_with_counts(module, group_size=0, stats_mode="", convert_frozen=False, include=None):
+def _convert_with_counts(module, group_size=0, stats_mode="", convert_frozen=False, include=None, groups=True):
     if stats_mode not in ("", "N"):
         raise ValueError(f'SyncBN stats_mode must be "" or "N", got {stats_mode!r}')
-    _check_group_size(group_size, _dist_world_size())
+    _check_group_size(group_size, _dist_world_size() if groups else 1)
     counts = {"bn": 0, "frozen": 0}
     module = _convert(module, "", group_size, stats_mode, convert_frozen, include, counts)
-    if counts["bn"] + counts["frozen"] and _dist_world_size() > 1:
+    if groups and counts["bn"] + counts["frozen"] and _dist_world_size() > 1:
         get_bn_group(group_size)  # create the groups now, while every rank is building the same model
     return module, counts
 
@@ -336,24 +336,35 @@ def bn_size(group_size, world_size, images_per_worker):
     return size * images_per_worker
 
 
-def build_sync_bn_from_cfg(cfg, model, include=None):
+def build_sync_bn_from_cfg(cfg, model, include=None, for_training=True):
     """Apply MODEL.SYNC_BN.{ENABLED, GROUP_SIZE, STATS_MODE, CONVERT_FROZEN} to ``model``; return the model.
 
     ``include`` restricts the conversion by qualified module name (the trainer builds it from
     MODEL.SYNC_BN.PARTS and the module partition). Logs the number of converted layers and the BN size.
+    ``for_training=False`` (evaluation): the layers are converted, so that checkpoints load as they were saved,
+    but no process group is made and GROUP_SIZE need not divide the world size: in eval mode the layers use
+    their running statistics and never communicate (a recipe with BN groups of 4 evaluates on any number of
+    workers). Such a model refuses to train on a world size its group size does not divide.
     """
     sync = cfg.MODEL.SYNC_BN
     if not sync.ENABLED:
         return model
     world_size = _dist_world_size()
     group_size = int(sync.GROUP_SIZE)
-    model, counts = _convert_with_counts(model, group_size, sync.STATS_MODE, bool(sync.CONVERT_FROZEN), include)
+    model, counts = _convert_with_counts(
+        model, group_size, sync.STATS_MODE, bool(sync.CONVERT_FROZEN), include, groups=for_training
+    )
+    converted = counts["bn"] + counts["frozen"]
+    if not for_training:
+        logger.info("SyncBN: converted %d BatchNorm layers for evaluation (running statistics, no communication)",
+                    converted)
+        return model
     images_per_worker = cfg.SOLVER.IMS_PER_BATCH // world_size
     size = _effective_group_size(group_size, world_size)
     logger.info(
         "SyncBN: converted %d BatchNorm layers (%d of them FrozenBatchNorm2d, now trainable) to "
         "GroupSyncBatchNorm(group_size=%d, stats_mode=%r); BN size = %d images (%d workers x %d images per worker)",
-        counts["bn"] + counts["frozen"], counts["frozen"], group_size, sync.STATS_MODE,
+        converted, counts["frozen"], group_size, sync.STATS_MODE,
         bn_size(group_size, world_size, images_per_worker), size, images_per_worker,
     )
     return model

@@ -36,13 +36,14 @@ SOLVER.SCHEDULE_MULT, every change logged on the "largebatch" logger.
 import bisect
 import logging
 import math
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from fvcore.common.param_scheduler import CosineParamScheduler, ParamScheduler
 
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
+from .norm import bn_size
 from .config import LR_SCHEDULERS, ConfigError, _choice, _fail, validate
 
 __all__ = [
@@ -458,6 +459,36 @@ def prepare_solver(cfg, world_size: int = 1, num_train_images: Optional[int] = N
     if frozen:
         cfg.freeze()
     return cfg
+
+
+def describe_batch(cfg, world_size: int) -> Tuple[str, Optional[str]]:
+    """What the run's batch is on ``world_size`` workers, for the start-up log: (info line, warning or None).
+
+    The info line states images per worker, the total batch and the BN size (images that share BN
+    statistics). The warning is there when a worker gets more images than SOLVER.RECIPE_IMS_PER_WORKER (the
+    recipe's memory use and BN size assume it), with the IMS_PER_BATCH / ACCUMULATE_STEPS that keep the
+    recipe's total batch at the recipe's images per worker."""
+    s = cfg.SOLVER
+    per_worker = s.IMS_PER_BATCH // world_size
+    if cfg.MODEL.SYNC_BN.ENABLED:
+        group = cfg.MODEL.SYNC_BN.GROUP_SIZE
+        bn = f"BN size {bn_size(group, world_size, per_worker)} (SyncBN over {group or 'all'} workers)"
+    else:
+        bn = f"BN size {per_worker} (no SyncBN: BatchNorm layers, if any, see one worker's images)"
+    info = (f"Batch: {world_size} workers x {per_worker} images = {s.IMS_PER_BATCH} per micro-batch, "
+            f"{_batch_text(cfg)} per optimizer step; {bn}")
+    limit = s.RECIPE_IMS_PER_WORKER
+    if not limit or per_worker <= limit:
+        return info, None
+    warning = (f"{per_worker} images per worker ({s.IMS_PER_BATCH} on {world_size} workers) is more than the "
+               f"{limit} this recipe was written for (SOLVER.RECIPE_IMS_PER_WORKER): more memory, and another BN size")
+    for k in range(2, per_worker + 1):
+        ims, rest = divmod(s.IMS_PER_BATCH, k)
+        if not rest and ims % world_size == 0 and ims // world_size <= limit:
+            warning += (f". To keep the total batch of {_total_batch(cfg)} at {ims // world_size} images per worker: "
+                        f"SOLVER.IMS_PER_BATCH {ims} SOLVER.ACCUMULATE_STEPS {s.ACCUMULATE_STEPS * k}")
+            break
+    return info, warning
 
 
 # ---------------------------------------------------------------------------------------------------------------

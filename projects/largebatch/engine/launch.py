@@ -1,13 +1,22 @@
-"""``launch``: detectron2's launcher, extended to CPU workers over gloo and to torchrun.
+"""``launch``: detectron2's launcher, extended to CPU workers over gloo and to torchrun / SLURM.
 
-- GPUs: one process per GPU over NCCL, as detectron2's ``launch``.
-- No GPU: ``num_gpus_per_machine`` CPU worker processes over gloo, so DDP, NaiveSyncBatchNorm and every
-  all-reduce run for real (detectron2 0.6's launcher asserts CUDA).
-- Started by torchrun / a scheduler that sets RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT):
-  the process joins that process group instead of spawning.
+The device of the run (the config's ``MODEL.DEVICE``), not the machine, decides how workers start:
+
+- ``cuda``: one process per GPU over NCCL, as detectron2's ``launch``; each worker binds its GPU
+  (``torch.cuda.set_device``) before it joins the process group, so no collective runs on the wrong device.
+- ``cpu``: ``num_gpus_per_machine`` CPU worker processes over gloo, so DDP, NaiveSyncBatchNorm and every
+  all-reduce run for real (detectron2 0.6's launcher asserts CUDA). The workers are started with
+  ``CUDA_VISIBLE_DEVICES=""``: a CPU run makes no CUDA call at all, even on a machine with GPUs (detectron2
+  itself would otherwise query them, and ``torch.cuda.synchronize()`` in its evaluator would create a
+  CUDA context on GPU 0 in every worker).
+- Started by torchrun / a scheduler that sets RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT): the
+  process joins that process group instead of spawning. Its GPU is LOCAL_RANK among the visible ones, or the
+  only visible one (one GPU per task, e.g. SLURM ``--gpus-per-task 1``); the number of workers on its machine
+  is LOCAL_WORLD_SIZE, or counted from the host names of all ranks where the scheduler does not set it.
 """
 import logging
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -15,15 +24,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun"]
+from ..config import device_kind
+
+__all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "device_type", "hide_gpus", "local_cuda_device"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 logger = logging.getLogger("largebatch")
 
 
 def _find_free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -40,6 +49,46 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def device_type(device) -> str:
+    """"cuda" or "cpu" for a MODEL.DEVICE value ("cuda", "cuda:1", "cpu"); None: "cuda" where torch sees a GPU
+    (detectron2's own rule, for callers that do not say which device they train on)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_kind(device)
+
+
+def hide_gpus() -> None:
+    """Make the GPUs invisible to this process and the processes it starts (``CUDA_VISIBLE_DEVICES=""``).
+
+    For CPU runs only, and only before anything in the process has initialized CUDA (CUDA reads the variable
+    once, at initialization); a process that already uses CUDA is left as it is."""
+    if torch.cuda.is_initialized():
+        logger.warning("CUDA is already initialized in this process: its GPUs stay visible to the CPU run")
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def local_cuda_device(local_rank: int) -> int:
+    """The GPU of the worker with ``local_rank`` among the GPUs this process sees.
+
+    One visible GPU is that worker's own (schedulers that give each task one GPU, whatever its LOCAL_RANK);
+    several visible GPUs are indexed by LOCAL_RANK."""
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise RuntimeError(
+            "MODEL.DEVICE is cuda but this process sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
+        )
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(
+        f"LOCAL_RANK {local_rank} has no GPU: this process sees {visible} GPUs (start at most {visible} workers "
+        "per machine, or give each worker one GPU through CUDA_VISIBLE_DEVICES)"
+    )
+
+
 def launch(
     main_func,
     num_gpus_per_machine,
@@ -48,14 +97,17 @@ def launch(
     dist_url=None,
     args=(),
     timeout=DEFAULT_TIMEOUT,
+    device=None,
 ):
     """Run ``main_func(*args)`` on every worker of a (possibly multi-machine) job.
 
-    Same signature as ``detectron2.engine.launch``. ``num_gpus_per_machine`` is the number of worker
-    processes per machine: one per GPU where there are GPUs, CPU processes over gloo otherwise.
+    Same signature as ``detectron2.engine.launch``, plus ``device``: the config's MODEL.DEVICE, which decides
+    the backend (cuda: NCCL, one process per GPU; cpu: gloo CPU workers, GPUs hidden); None keeps detectron2's
+    rule (cuda where torch sees a GPU). ``num_gpus_per_machine`` is the number of worker processes per machine.
     """
+    kind = device_type(device)
     if launched_by_torchrun():
-        _join_torchrun_group(main_func, args, timeout)
+        _join_torchrun_group(main_func, args, timeout, kind)
         return
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
@@ -67,49 +119,83 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
-    use_cuda = torch.cuda.is_available()
-    if use_cuda and num_gpus_per_machine > torch.cuda.device_count():
+    if kind == "cuda" and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(
-            f"--num-gpus {num_gpus_per_machine} is more than the {torch.cuda.device_count()} GPUs of this machine"
+            f"--num-gpus {num_gpus_per_machine} is more than the {torch.cuda.device_count()} GPUs of this machine "
+            "(MODEL.DEVICE cuda: one worker per GPU)"
         )
-    mp.spawn(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, use_cuda),
-        daemon=False,
-    )
+    spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind)
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if kind == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the workers only; restored below
+    try:
+        mp.spawn(_distributed_worker, nprocs=num_gpus_per_machine, args=spawn_args, daemon=False)
+    finally:
+        if kind == "cpu":
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _backend(kind: str) -> str:
+    return "nccl" if kind == "cuda" else "gloo"
 
 
 def _distributed_worker(
-    local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, use_cuda
+    local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, kind
 ):
     global_rank = machine_rank * num_workers_per_machine + local_rank
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)  # before the process group: NCCL binds to the current device
     try:
         dist.init_process_group(
-            backend="NCCL" if use_cuda else "GLOO",
-            init_method=dist_url,
-            world_size=world_size,
-            rank=global_rank,
-            timeout=timeout,
+            backend=_backend(kind), init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
         )
     except Exception:
         logger.error(f"Process group URL: {dist_url}")
         raise
-    _setup_worker(local_rank, num_workers_per_machine, use_cuda)
+    _setup_worker(num_workers_per_machine, kind)
     main_func(*args)
 
 
-def _join_torchrun_group(main_func, args, timeout):
-    use_cuda = torch.cuda.is_available()
+def _join_torchrun_group(main_func, args, timeout, kind):
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if kind == "cuda":
+        torch.cuda.set_device(local_cuda_device(local_rank))
     if not dist.is_initialized():
-        dist.init_process_group(backend="NCCL" if use_cuda else "GLOO", init_method="env://", timeout=timeout)
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    _setup_worker(int(os.environ["LOCAL_RANK"]), local_size, use_cuda)
+        dist.init_process_group(backend=_backend(kind), init_method="env://", timeout=timeout)
+    _setup_worker(_torchrun_local_size(local_rank), kind)
     main_func(*args)
 
 
-def _setup_worker(local_rank, num_workers_per_machine, use_cuda):
-    """Local process group as detectron2's ``comm`` expects it, the worker's device, and its CPU threads."""
+def _torchrun_local_size(local_rank: int) -> int:
+    """Workers on this machine: LOCAL_WORLD_SIZE (torchrun sets it), else the ranks that share this host name.
+
+    detectron2's ``comm`` takes machine m to hold ranks [m * L, (m + 1) * L): a launch that numbers ranks
+    otherwise is refused here with what to fix, instead of pairing GPUs of different machines."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local_size = int(os.environ["LOCAL_WORLD_SIZE"])
+        same_host = None
+    else:
+        hosts = [None] * world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        same_host = [r for r, h in enumerate(hosts) if h == hosts[rank]]
+        local_size = len(same_host)
+    first = rank - local_rank
+    expected = list(range(first, first + local_size))
+    if world_size % local_size or rank % local_size != local_rank or (same_host is not None and same_host != expected):
+        raise RuntimeError(
+            f"rank {rank} of {world_size} with LOCAL_RANK {local_rank} and {local_size} workers on its machine: "
+            "expected the same number of workers on every machine and RANK = machine rank x workers per machine "
+            "+ LOCAL_RANK (set LOCAL_WORLD_SIZE, or start the workers with torchrun)"
+        )
+    return local_size
+
+
+def _setup_worker(num_workers_per_machine, kind):
+    """Local process group as detectron2's ``comm`` expects it, and the CPU threads of a CPU worker."""
     create = getattr(comm, "create_local_process_group", None)  # detectron2 main
     if create is not None:
         create(num_workers_per_machine)
@@ -122,9 +208,7 @@ def _setup_worker(local_rank, num_workers_per_machine, use_cuda):
             group = dist.new_group(ranks)  # every process must create every group
             if i == machine_rank:
                 comm._LOCAL_PROCESS_GROUP = group
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    else:
+    if kind == "cpu":
         # share the machine's cores between its workers instead of oversubscribing them
         torch.set_num_threads(max(1, _available_cpus() // num_workers_per_machine))
     comm.synchronize()

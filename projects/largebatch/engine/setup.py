@@ -45,6 +45,11 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
                        cfg.MODEL.DEVICE, num_workers)
         cfg.MODEL.DEVICE = "cpu"
     validate(cfg)
+    if cfg.SOLVER.REFERENCE_WORLD_SIZE == 0 and cfg.SOLVER.IMS_PER_BATCH % num_workers:  # else auto-scaled
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} is not allowed on {num_workers} workers: expected a "
+            "multiple of the number of workers (--num-gpus x --num-machines), every worker takes the same share"
+        )
     measures_variance = cfg.SOLVER.AGVM.ENABLED or (cfg.MONITOR.ENABLED and cfg.MONITOR.GRAD_VARIANCE)
     if num_workers == 1 and measures_variance and cfg.SOLVER.IMS_PER_BATCH < 2:
         raise ConfigError(

@@ -28,7 +28,7 @@ from ..monitor import HalfGroupReducer, ModuleLayout, broadcast_from_main, cosin
 from ..norm import build_sync_bn_from_cfg
 from ..optim import AGVM, build_optimizer
 from ..optim.groups import ModulePartition
-from ..schedule import build_lr_scheduler, prepare_solver, train_set_size
+from ..schedule import build_lr_scheduler, describe_batch, prepare_solver, train_set_size
 from ..utils import atomic_write
 from .hooks import MonitorHook
 
@@ -124,8 +124,8 @@ class LargeBatchStepper(SimpleTrainer):
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
                 g1, g2 = g1 * inv_scale, g2 * inv_scale
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
-        self._check_finite(loss_dict)
-        if measure:
+        grads_finite = self._check_finite(loss_dict)
+        if measure and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
             self._measure_variance(g1, g2)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
@@ -154,20 +154,35 @@ class LargeBatchStepper(SimpleTrainer):
         self.layout.write_grads((g1 + g2) / 2)
         return g1, g2
 
-    def _check_finite(self, loss_dict):
-        """The divergence guard, every iteration, before the step: a non-finite loss or gradient stops
-        training with one FloatingPointError naming the iteration, the parts whose gradients (and weights)
-        are not finite and the non-finite losses. Nothing of this iteration is applied or checkpointed.
-        Keeps the per-parameter gradient norms (``self.grad_norms``, layout order, parameters with a
-        gradient only) for the monitor. One host sync for all the checks."""
+    def _check_finite(self, loss_dict) -> bool:
+        """The divergence guard, every iteration, before the step: a non-finite loss (on any worker) or
+        gradient stops training on every worker at once, with one FloatingPointError naming the iteration,
+        the workers and their non-finite losses, and the parts whose gradients (and weights) are not finite.
+        Nothing of this iteration is applied or checkpointed.
+
+        The losses are each worker's own: one small all-reduce of a (workers x losses) table, each worker
+        filling its row, gives every worker every loss, so all take the same decision and raise the same
+        message (a worker that raised alone would leave the others waiting in the next collective for the
+        whole timeout). The gradients are all-reduced already. One host sync for all of it.
+
+        Returns whether the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow,
+        whose step it skips (not a divergence). Keeps the per-parameter gradient norms (``self.grad_norms``,
+        layout order, parameters with a gradient only) for the monitor."""
         with_grad = [p for p in self.layout.params if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else torch.zeros(0)
-        self.grad_norms = norms
-        checked = [v.detach().reshape(-1).float().to(norms.device) for v in loss_dict.values()]
-        if self.grad_scaler is None:  # GradScaler skips steps whose scaled gradients overflowed: no divergence
-            checked.append(norms)
-        if not checked or bool(torch.isfinite(torch.cat(checked)).all()):
-            return
+        norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
+        device = norms.device if norms is not None else self.layout.params[0].device
+        self.grad_norms = norms if norms is not None else torch.zeros(0, device=device)
+        keys = list(loss_dict)
+        losses = torch.zeros(self.world_size, len(keys) + 1, device=device)
+        losses[comm.get_rank(), : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
+        if norms is not None:
+            losses[comm.get_rank(), -1] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+        if self.world_size > 1:
+            torch.distributed.all_reduce(losses)  # rows of zeros elsewhere: every value arrives exactly
+        finite = torch.isfinite(losses).cpu()  # the host sync
+        grads_finite = bool(finite[:, -1].all())
+        if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
+            return grads_finite
         part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
         parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
 
@@ -175,19 +190,23 @@ class LargeBatchStepper(SimpleTrainer):
             bad = {part_of[id(p)] for p, ok in zip(params, torch.isfinite(values).tolist()) if not ok}
             return [part for part in parts if part in bad]
 
-        bad_grads = non_finite(with_grad, norms) if self.grad_scaler is None else []
+        bad_grads = non_finite(with_grad, norms) if self.grad_scaler is None and norms is not None else []
         with torch.no_grad():
             weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.layout.params])).float()
         bad_weights = non_finite(self.layout.params, weight_norms)
-        bad_losses = [f"{k}={v.detach().float().sum().item():g}" for k, v in loss_dict.items()
-                      if not bool(torch.isfinite(v.detach()).all())]
+        values = losses[:, :-1].cpu()
+        bad_losses = [
+            f"{'' if self.world_size == 1 else f'rank {rank}: '}"
+            + ", ".join(f"{k}={values[rank, i].item():g}" for i, k in enumerate(keys) if not finite[rank, i])
+            for rank in range(self.world_size) if not finite[rank, :-1].all()
+        ]
         found = ([f"non-finite gradients in {', '.join(bad_grads)}"] if bad_grads else []) + (
             [f"non-finite weights in {', '.join(bad_weights)}"] if bad_weights else []) + (
-            [f"non-finite losses {', '.join(bad_losses)}"] if bad_losses else [])
+            [f"non-finite losses {'; '.join(bad_losses)}"] if bad_losses else [])
         raise FloatingPointError(
-            f"Training diverged at iteration {self.iter}: {'; '.join(found)}. Stopped before the optimizer "
-            "step: nothing of this iteration was applied or checkpointed, and --resume continues from the last "
-            "good checkpoint (OUTPUT_DIR/last_checkpoint)."
+            f"Training diverged at iteration {self.iter}: {'; '.join(found)}. Stopped on every worker before the "
+            "optimizer step: nothing of this iteration was applied or checkpointed, and --resume continues from "
+            "the last good checkpoint (OUTPUT_DIR/last_checkpoint)."
         )
 
     def _measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> None:
@@ -231,6 +250,10 @@ class LargeBatchTrainer(DefaultTrainer):
         # the training set is only counted for epoch units (for COCO, reading its json takes a while)
         images = train_set_size(cfg) if cfg.SOLVER.SCHEDULE_UNIT == "epoch" else None
         cfg = prepare_solver(cfg, comm.get_world_size(), images)
+        batch, too_many = describe_batch(cfg, comm.get_world_size())
+        logger.info(batch)
+        if too_many:
+            logger.warning(too_many)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -251,19 +274,23 @@ class LargeBatchTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_model(cls, cfg):
+    def build_model(cls, cfg, for_training=True):
+        """detectron2's model with MODEL.SYNC_BN applied; ``for_training=False`` for evaluation, which works on
+        any number of workers (see ``build_sync_bn_from_cfg``)."""
         model = super().build_model(cfg)
         partition = ModulePartition(cfg.MODEL.MODULE_PARTITION)
         parts = set(cfg.MODEL.SYNC_BN.PARTS)
         include = (lambda name: partition(name + ".weight") in parts) if parts else None
-        return build_sync_bn_from_cfg(cfg, model, include=include)
+        return build_sync_bn_from_cfg(cfg, model, include=include, for_training=for_training)
 
     @staticmethod
     def wrap_model(cfg, model):
-        """DDP over all workers; on CPU without device_ids (detectron2 0.6 passes them, which DDP rejects)."""
+        """DDP over all workers. On CUDA the worker's own GPU, the one the launcher made current (not the local
+        rank: with one visible GPU per task, that GPU is device 0); on CPU no device_ids (detectron2 0.6
+        passes them, which DDP rejects for a CPU module)."""
         if comm.get_world_size() == 1:
             return model
-        device_ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
+        device_ids = [torch.cuda.current_device()] if cfg.MODEL.DEVICE.startswith("cuda") else None
         # no buffer broadcast in forward: BN statistics are per worker (or per SyncBN group) by design
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.14
             return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)

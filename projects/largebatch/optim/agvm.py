@@ -70,6 +70,7 @@ class AGVM(torch.optim.Optimizer):
         self.clamp = (float(clamp[0]), float(clamp[1]))
         self.mu: Dict[str, float] = OrderedDict((m, 1.0) for m in OrderedDict.fromkeys(modules))
         self.iteration = 0  # optimizer steps taken so far
+        self._warned_non_finite = set()  # parts whose non-finite Phi was logged
         self.defaults = optimizer.defaults
         # what torch.optim.Optimizer.__init__ would set up; the groups themselves stay the wrapped optimizer's
         for hooks in (
@@ -116,8 +117,20 @@ class AGVM(torch.optim.Optimizer):
                 for m, p in phi.items()}
 
     def update(self, phi: Dict[str, float]) -> Dict[str, float]:
-        """Eq. 5: move mu towards eq. 4's target; parts missing from ``phi`` keep their mu. Returns a copy."""
-        for m, target in self.target_mu(phi).items():
+        """Eq. 5: move mu towards eq. 4's target; parts missing from ``phi`` keep their mu. Returns a copy.
+
+        A non-finite Phi (a float16 overflow that reached the measurement, a part without gradient in one
+        half) says nothing about the variance: that part keeps its mu, and so does every part when the
+        anchor's Phi is not finite (eq. 4 divides by nothing). Said once per part in the log."""
+        bad = [m for m, p in phi.items() if not math.isfinite(float(p))]
+        for m in bad:
+            if m not in self._warned_non_finite:
+                self._warned_non_finite.add(m)
+                logger.warning("AGVM: non-finite gradient variance of %s (%s): its mu is left unchanged (said once)",
+                               m, phi[m])
+        if self.anchor in bad:
+            return dict(self.mu)
+        for m, target in self.target_mu({m: p for m, p in phi.items() if m not in bad}).items():
             if m in self.mu:
                 self.mu[m] = self.momentum * self.mu[m] + (1.0 - self.momentum) * target
         self.mu[self.anchor] = 1.0
