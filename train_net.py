@@ -22,9 +22,9 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
-from largebatch.config import ConfigError
+from largebatch.config import ConfigError, load_config
 from largebatch.engine.launch import device_type, hide_gpus
-from largebatch.engine.setup import load_config, setup
+from largebatch.engine.setup import setup
 
 
 def main(args):

@@ -40,7 +40,8 @@ def _worker(args):
     from detectron2.utils.events import EventStorage
 
     from largebatch import LargeBatchTrainer
-    from largebatch.engine.setup import load_config, register_datasets
+    from largebatch.config import load_config
+    from largebatch.data import register_datasets
 
     logging.disable(logging.INFO)  # the trainers' set-up logs (the model, twice per worker)
     common = [

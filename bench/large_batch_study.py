@@ -50,7 +50,7 @@ from typing import List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects"))
 
-from largebatch.utils import atomic_write  # noqa: E402
+from largebatch.files import atomic_write  # noqa: E402
 
 CONFIG_DIR = os.path.join("configs", "shapes", "study")
 ARMS = ("sgd_b8", "sgd_b64_linear", "lars_b64", "lamb_b64", "pmdlamb_b64", "agvm_sgd_b64")
@@ -75,8 +75,10 @@ def arm_overrides(args) -> List[str]:
 
 def resolve_arm(arm: str, opts: List[str], num_workers: int) -> dict:
     """The arm's resolved solver settings as the trainer will see them (config + overrides + prepare_solver)."""
-    from largebatch.engine.setup import load_config, register_datasets
-    from largebatch.schedule import prepare_solver, train_set_size
+    from largebatch.config import load_config
+    from largebatch.data import register_datasets
+    from largebatch.data import train_set_size
+    from largebatch.solver import prepare_solver
 
     config_file = os.path.join(CONFIG_DIR, arm + ".yaml")
     cfg = load_config(os.path.join(REPO, config_file), opts, num_workers)

@@ -60,7 +60,7 @@ class Driver:
         from detectron2.utils.events import EventStorage
 
         from largebatch import LargeBatchTrainer
-        from largebatch.engine.hooks import MonitorHook
+        from largebatch.engine.monitor import MonitorHook
 
         # same weights and same data order in both trainers (detectron2's TrainingSampler seeds from numpy)
         torch.manual_seed(cfg.SEED)
@@ -107,7 +107,8 @@ def worker(args, out_root):
     import torch
     from detectron2.utils import comm
 
-    from largebatch.engine.setup import load_config, register_datasets
+    from largebatch.config import load_config
+    from largebatch.data import register_datasets
 
     logging.disable(logging.INFO)  # the trainers' logs (model, metrics every 20 iterations) are not the point
     if args.threads:

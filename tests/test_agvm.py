@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 
 from distributed import run_workers
-from largebatch.monitor import ModuleLayout, cosine_variance
+from largebatch.probe import ModuleLayout, cosine_variance
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB, build_optimizer
 from largebatch.optim.groups import build_param_groups
 
@@ -517,7 +517,8 @@ def test_trainer_resume_restores_mu(tmp_path, monkeypatch):
     """LargeBatchTrainer on the shapes config, one worker, AGVM every 2 iterations: the checkpoint holds mu and
     the iteration; --resume restores them and the next measurement moves mu on from the restored value."""
     from largebatch import LargeBatchTrainer
-    from largebatch.engine.setup import load_config, register_datasets
+    from largebatch.config import load_config
+    from largebatch.data import register_datasets
 
     monkeypatch.setenv("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets"))
     torch.set_num_threads(1)

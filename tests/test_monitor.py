@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 
 def _config(out, *opts, max_iter=2, ims=2):
-    from largebatch.engine.setup import load_config, register_datasets
+    from largebatch.config import load_config
+    from largebatch.data import register_datasets
 
     cfg = load_config(CONFIG, [
         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.IMS_PER_BATCH", str(ims), "SOLVER.WARMUP_ITERS", "0",
@@ -58,7 +59,7 @@ def _capture_steps(trainer):
 
 
 def _monitor(trainer):
-    from largebatch.engine.hooks import MonitorHook
+    from largebatch.engine.monitor import MonitorHook
 
     return next(h for h in trainer._hooks if isinstance(h, MonitorHook))
 

@@ -7,7 +7,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from largebatch.config import validate
-from largebatch.engine.setup import load_config, register_datasets
+from largebatch.config import load_config
+from largebatch.data import register_datasets
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB, ModulePartition, build_optimizer
 from largebatch.optim.build import optimizer_name
 

@@ -23,12 +23,13 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 
 from largebatch.config import add_largebatch_config
-from largebatch.engine.setup import load_config, register_datasets
+from largebatch.config import load_config
+from largebatch.data import register_datasets
 from largebatch.engine.trainer import LargeBatchTrainer
 from largebatch.norm import GroupSyncBatchNorm, bn_size
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB
 from largebatch.optim.groups import ModulePartition
-from largebatch.schedule import prepare_solver
+from largebatch.solver import prepare_solver
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")

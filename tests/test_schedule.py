@@ -17,13 +17,10 @@ from largebatch.config import ConfigError, add_largebatch_config
 from largebatch.schedule import (
     CosineRestartsParamScheduler,
     build_lr_scheduler,
-    describe_batch,
     lr_curve,
-    lr_scale_factor,
-    prepare_solver,
-    scale_learning_rate,
     schedule_marks,
 )
+from largebatch.solver import describe_batch, lr_scale_factor, prepare_solver, scale_learning_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -446,7 +443,7 @@ def test_step_gammas_must_match_the_steps():
 ])
 def test_describe_batch_states_images_per_worker_and_bn_size(workers, expected):
     """MegDet b256 (8 images per GPU, BN groups of 4 GPUs) on fewer GPUs than written for."""
-    from largebatch.engine.setup import load_config
+    from largebatch.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs/COCO-Detection/megdet_R_50_FPN_b256.yaml"), [], workers)
     info, warning = describe_batch(cfg, workers)

@@ -31,10 +31,10 @@ import sys
 from collections import OrderedDict, defaultdict
 
 try:
-    from largebatch.utils import save_figure
+    from largebatch.files import save_figure
 except ImportError:  # a bare checkout: the package lives in projects/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
-    from largebatch.utils import save_figure
+    from largebatch.files import save_figure
 
 PART_COLORS = OrderedDict(
     [

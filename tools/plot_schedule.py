@@ -52,7 +52,7 @@ def resolve_num_train_images(cfg, flag):
         import largebatch.data  # noqa: F401
     except Exception:
         pass
-    from largebatch.schedule import train_set_size
+    from largebatch.data import train_set_size
 
     try:
         return train_set_size(cfg)
@@ -95,7 +95,7 @@ def plot(cfg, lrs, marks, output, num_train_images=None):
         sec.set_xlabel(f"epoch ({num_train_images} images)", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
 
-    from largebatch.utils import save_figure
+    from largebatch.files import save_figure
 
     output = os.path.abspath(output)
     try:
@@ -112,7 +112,8 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from largebatch.config import ConfigError
-    from largebatch.schedule import lr_curve, prepare_solver, schedule_marks
+    from largebatch.schedule import lr_curve, schedule_marks
+    from largebatch.solver import prepare_solver
 
     try:
         cfg = load_config(args.config_file, args.opts)

@@ -1,8 +1,14 @@
-"""The config keys of largebatch, each documented where it is added, and their validation.
+"""The config of largebatch: its keys, each documented where it is added, their validation and loading.
 
-``add_largebatch_config(cfg)`` adds every key the project reads; ``validate(cfg)`` checks the values before
-anything is built, so a bad value fails at once with one line naming the key, the value and what is allowed.
+``add_largebatch_config(cfg)`` adds every key the project reads; ``validate(cfg)`` (the one validator) checks
+the values before anything is built, so a bad value fails at once with one line naming the key, the value and
+what is allowed; ``load_config(file, overrides, num_workers)`` is get_cfg + these keys + the file + the
+overrides, validated. ``DETECTOR_PARTS`` is the one list of detector parts.
 """
+import difflib
+import logging
+import os
+
 from detectron2.config import CfgNode as CN
 
 from .optim.build import OPTIMIZERS
@@ -11,6 +17,9 @@ LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
 DETECTOR_PARTS = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
 DEVICE_KINDS = ("cuda", "cpu")
+
+
+logger = logging.getLogger("largebatch")
 
 
 class ConfigError(ValueError):
@@ -170,14 +179,16 @@ def add_largebatch_config(cfg):
     return cfg
 
 
-def _fail(key, value, allowed):
+def fail(key, value, allowed):
+    """Raise the one-line ConfigError: ``KEY = value is not allowed: allowed``."""
     raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
-def _choice(cfg_value, key, choices, case_insensitive=False):
+def choice(cfg_value, key, choices, case_insensitive=False):
+    """``cfg_value`` (upper-cased when ``case_insensitive``) if it is one of ``choices``, else ConfigError."""
     value = cfg_value.upper() if case_insensitive and isinstance(cfg_value, str) else cfg_value
     if value not in choices:
-        _fail(key, cfg_value, "expected one of " + ", ".join(choices))
+        fail(key, cfg_value, "expected one of " + ", ".join(choices))
     return value
 
 
@@ -185,20 +196,24 @@ def device_kind(device) -> str:
     """"cuda" or "cpu" for a MODEL.DEVICE value ("cuda", "cuda:1", "cpu"); ConfigError for anything else."""
     kind = str(device).split(":")[0]
     if kind not in DEVICE_KINDS:
-        _fail("MODEL.DEVICE", device, "expected cuda, cuda:N or cpu")
+        fail("MODEL.DEVICE", device, "expected cuda, cuda:N or cpu")
     return kind
 
 
-def validate(cfg):
-    """Check every value largebatch reads; raise ConfigError (one line) on the first bad one."""
+def validate(cfg, num_workers=None):
+    """Check every value largebatch reads; raise ConfigError (one line) on the first bad one.
+
+    The one validator: ``load_config`` calls it before anything is built, ``prepare_solver`` and the schedule
+    builders call it on the configs they are given. ``num_workers`` (when known) adds the checks that depend on
+    the number of workers."""
     s = cfg.SOLVER
     device_kind(cfg.MODEL.DEVICE)
-    _choice(s.OPTIMIZER, "SOLVER.OPTIMIZER", OPTIMIZERS, case_insensitive=True)
-    _choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
-    _choice(s.LR_SCALING.RULE, "SOLVER.LR_SCALING.RULE", LR_SCALING_RULES)
-    _choice(s.SCHEDULE_UNIT, "SOLVER.SCHEDULE_UNIT", SCHEDULE_UNITS)
-    _choice(s.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", ("linear", "constant"))
-    _choice(cfg.MODEL.SYNC_BN.STATS_MODE, "MODEL.SYNC_BN.STATS_MODE", ("", "N"))
+    choice(s.OPTIMIZER, "SOLVER.OPTIMIZER", OPTIMIZERS, case_insensitive=True)
+    choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
+    choice(s.LR_SCALING.RULE, "SOLVER.LR_SCALING.RULE", LR_SCALING_RULES)
+    choice(s.SCHEDULE_UNIT, "SOLVER.SCHEDULE_UNIT", SCHEDULE_UNITS)
+    choice(s.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", ("linear", "constant"))
+    choice(cfg.MODEL.SYNC_BN.STATS_MODE, "MODEL.SYNC_BN.STATS_MODE", ("", "N"))
     positive = {
         "SOLVER.IMS_PER_BATCH": s.IMS_PER_BATCH,
         "SOLVER.MAX_ITER": s.MAX_ITER,
@@ -215,7 +230,7 @@ def validate(cfg):
     }
     for key, value in positive.items():
         if not value > 0:
-            _fail(key, value, "expected a number > 0")
+            fail(key, value, "expected a number > 0")
     non_negative = {
         "SOLVER.BASE_LR": s.BASE_LR,
         "SOLVER.BASE_LR_END": s.BASE_LR_END,
@@ -235,35 +250,104 @@ def validate(cfg):
     }
     for key, value in non_negative.items():
         if not value >= 0:
-            _fail(key, value, "expected a number >= 0")
+            fail(key, value, "expected a number >= 0")
     for key in ("ADAMW", "LAMB", "PMDLAMB"):
         betas = s[key].BETAS
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            _fail(f"SOLVER.{key}.BETAS", tuple(betas), "expected two numbers in [0, 1)")
+            fail(f"SOLVER.{key}.BETAS", tuple(betas), "expected two numbers in [0, 1)")
     if s.LR_SCALING.RULE == "linear_then_sqrt" and s.LR_SCALING.REFERENCE_BATCH > s.LR_SCALING.SQRT_ABOVE:
-        _fail("SOLVER.LR_SCALING.REFERENCE_BATCH", s.LR_SCALING.REFERENCE_BATCH,
+        fail("SOLVER.LR_SCALING.REFERENCE_BATCH", s.LR_SCALING.REFERENCE_BATCH,
               f"linear_then_sqrt needs it <= SOLVER.LR_SCALING.SQRT_ABOVE ({s.LR_SCALING.SQRT_ABOVE})")
     if s.RESTARTS.CYCLE_MULT < 1:
-        _fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
+        fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
     if not 0 <= s.WARMUP_FACTOR <= 1:
-        _fail("SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "expected a number in [0, 1]")
+        fail("SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "expected a number in [0, 1]")
     if not 0 <= s.AGVM.MOMENTUM < 1:
-        _fail("SOLVER.AGVM.MOMENTUM", s.AGVM.MOMENTUM, "expected a number in [0, 1)")
+        fail("SOLVER.AGVM.MOMENTUM", s.AGVM.MOMENTUM, "expected a number in [0, 1)")
     lo_hi = tuple(s.AGVM.CLAMP)
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-        _fail("SOLVER.AGVM.CLAMP", lo_hi, "expected (low, high) with 0 < low <= high")
+        fail("SOLVER.AGVM.CLAMP", lo_hi, "expected (low, high) with 0 < low <= high")
     if s.AGVM.START_ITER < -1:
-        _fail("SOLVER.AGVM.START_ITER", s.AGVM.START_ITER, "expected -1 (end of warm-up) or an iteration >= 0")
-    _choice(s.AGVM.ANCHOR, "SOLVER.AGVM.ANCHOR", DETECTOR_PARTS)
+        fail("SOLVER.AGVM.START_ITER", s.AGVM.START_ITER, "expected -1 (end of warm-up) or an iteration >= 0")
+    choice(s.AGVM.ANCHOR, "SOLVER.AGVM.ANCHOR", DETECTOR_PARTS)
     for part in cfg.MODEL.SYNC_BN.PARTS:
-        _choice(part, "MODEL.SYNC_BN.PARTS", DETECTOR_PARTS)
+        choice(part, "MODEL.SYNC_BN.PARTS", DETECTOR_PARTS)
     for rule in cfg.MODEL.MODULE_PARTITION:
         if len(rule) != 2:
-            _fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
-        _choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
+            fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
+        choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
     if s.STEP_GAMMAS and (len(s.STEP_GAMMAS) != len(s.STEPS) or not all(g > 0 for g in s.STEP_GAMMAS)):
-        _fail("SOLVER.STEP_GAMMAS", tuple(s.STEP_GAMMAS),
+        fail("SOLVER.STEP_GAMMAS", tuple(s.STEP_GAMMAS),
               f"expected one number > 0 per SOLVER.STEPS entry ({len(s.STEPS)}), or empty for SOLVER.GAMMA")
     if list(s.STEPS) != sorted(s.STEPS):
-        _fail("SOLVER.STEPS", tuple(s.STEPS), "expected increasing iterations")
+        fail("SOLVER.STEPS", tuple(s.STEPS), "expected increasing iterations")
+    if s.BASE_LR > 0 and s.BASE_LR_END > s.BASE_LR:
+        fail("SOLVER.BASE_LR_END", s.BASE_LR_END, f"expected a number <= SOLVER.BASE_LR ({s.BASE_LR})")
+    reference = s.REFERENCE_WORLD_SIZE
+    if reference and s.IMS_PER_BATCH % reference:
+        fail("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, f"expected a multiple of SOLVER.REFERENCE_WORLD_SIZE ({reference})")
+    if num_workers is not None:
+        if not reference and s.IMS_PER_BATCH % num_workers:  # with a reference, auto-scaling sets the batch
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH} is not allowed on {num_workers} workers: expected a "
+                "multiple of the number of workers (--num-gpus x --num-machines), every worker takes the same share"
+            )
+        measures_variance = s.AGVM.ENABLED or (cfg.MONITOR.ENABLED and cfg.MONITOR.GRAD_VARIANCE)
+        if num_workers == 1 and measures_variance and s.IMS_PER_BATCH < 2:
+            raise ConfigError(
+                f"SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH} is not allowed on one worker with gradient variance "
+                "(AGVM or MONITOR.GRAD_VARIANCE): expected >= 2 images, split in two halves"
+            )
     return cfg
+
+
+def load_config(config_file: str, opts=(), num_workers: int = 1):
+    """get_cfg() + largebatch keys + the YAML file + KEY VALUE overrides, validated for ``num_workers`` workers.
+
+    Raises ConfigError with one line for a missing file, an unknown key or a bad value. Shared by train_net.py,
+    the tools, the benchmarks and the tests.
+    """
+    import torch
+    from detectron2.config import get_cfg
+
+    from . import modeling  # noqa: F401  (registers build_small_resnet_fpn_backbone, which configs may name)
+
+    if not config_file:
+        raise ConfigError("--config-file is required: e.g. --config-file configs/shapes/demo.yaml")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file!r}: no such file")
+    flags = [o for o in opts if str(o).startswith("--")]
+    if flags:  # argparse hands everything after the first KEY VALUE pair to the overrides
+        raise ConfigError(f"{flags[0]!r} is an argument, not a config key: put arguments before the KEY VALUE overrides")
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
+    cfg = add_largebatch_config(get_cfg())
+    for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
+                          ("command line", lambda: cfg.merge_from_list(list(opts)))):
+        try:
+            merge()
+        except (KeyError, AssertionError, ValueError, TypeError) as e:
+            message = str(e.args[0] if e.args else e).splitlines()[0]
+            if "Non-existent" in message:  # yacs, for files (KeyError) and for KEY VALUE lists (AssertionError)
+                raise ConfigError(_unknown_key_message(cfg, source, message.split(":")[-1].strip())) from None
+            raise ConfigError(f"{source}: {message}") from None
+    if device_kind(cfg.MODEL.DEVICE) == "cuda" and not torch.cuda.is_available():
+        # not silent: said in the log and shown in the saved config
+        logger.warning("MODEL.DEVICE=%s but no GPU is available: training on CPU, %d gloo worker(s)",
+                       cfg.MODEL.DEVICE, num_workers)
+        cfg.MODEL.DEVICE = "cpu"
+    return validate(cfg, num_workers)
+
+
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key_message(cfg, source, key):
+    close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else " (see largebatch/config.py and detectron2's defaults)"
+    return f"{source}: unknown config key {key!r}{hint}"

@@ -1,8 +1,8 @@
 """Datasets of the largebatch project.
 
 ``shapes_train`` / ``shapes_val``: an embedded, deterministic synthetic detection + instance
-segmentation dataset (see :mod:`largebatch.data.shapes`). Call :func:`register_shapes` before building
-a detectron2 data loader on those names.
+segmentation dataset (see :mod:`largebatch.data.shapes`). :func:`register_datasets` (``catalog.py``)
+registers what a config names; :func:`train_set_size` counts its training images.
 
 Names are resolved lazily, so that ``python -m largebatch.data.shapes`` runs without a runpy warning and
 importing this package pulls in neither detectron2 nor the trainer.
@@ -10,6 +10,8 @@ importing this package pulls in neither detectron2 nor the trainer.
 import importlib
 
 _LAZY = {
+    "register_datasets": "largebatch.data.catalog",
+    "train_set_size": "largebatch.data.catalog",
     "register_shapes": "largebatch.data.shapes",
     "prepare_shapes": "largebatch.data.shapes",
     "generate_shapes_split": "largebatch.data.shapes",

@@ -13,14 +13,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._multi_tensor import (
+from .checks import check, check_betas, check_lr, check_nonneg, check_positive, check_trust_clip
+from .trust_ratio import (
     TrustRatioOptimizer,
     axpy_,
-    check_betas,
-    check_lr,
-    check_nonneg,
-    check_positive,
-    check_trust_clip,
     foreach_norms,
     group_by_device_and_dtype,
     norm_dtype,
@@ -28,7 +24,6 @@ from ._multi_tensor import (
     scaled_lists,
     sub_scaled_,
     tensor_norm,
-    _check,
 )
 
 __all__ = ["LAMB", "PMDLAMB", "lamb_trust_ratio", "pmd_xi"]
@@ -313,7 +308,7 @@ class PMDLAMB(_LambBase):
         check_nonneg("weight_decay", group["weight_decay"])
         cycle = group["cycle"]
         is_int = isinstance(cycle, numbers.Integral) and not isinstance(cycle, bool)
-        _check("cycle", is_int and cycle >= 1, cycle, "an int >= 1")
+        check("cycle", is_int and cycle >= 1, cycle, "an int >= 1")
         check_positive("scale", group["scale"])
 
     def _direction(self, group: dict, m: Tensor, v: Tensor) -> Tensor:

@@ -10,13 +10,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._multi_tensor import (
+from .checks import check_lr, check_nonneg, check_positive, check_trust_clip
+from .trust_ratio import (
     TrustRatioOptimizer,
     axpy_,
-    check_lr,
-    check_nonneg,
-    check_positive,
-    check_trust_clip,
     foreach_norms,
     group_by_device_and_dtype,
     norm_dtype,

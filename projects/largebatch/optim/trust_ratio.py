@@ -1,4 +1,4 @@
-"""Shared machinery of the trust-ratio optimizers (LARS, LAMB, PMD-LAMB).
+"""The base class of the trust-ratio optimizers (LARS, LAMB, PMD-LAMB) and the tensor helpers their steps share.
 
 Plain PyTorch, no detectron2. What lives here:
 
@@ -6,14 +6,13 @@ Plain PyTorch, no detectron2. What lives here:
   multi-tensor (``torch._foreach_*``) or the per-tensor path, keeps the trust ratios each step used
   (:meth:`~TrustRatioOptimizer.last_trust_ratios`), validates hyper-parameters;
 * small helpers both paths share: per-tensor norms (float32 for half/bfloat16), the "1.0 where a norm
-  is 0" rule, device/dtype bucketing, argument checks.
+  is 0" rule, device/dtype bucketing. The constructors' argument checks are in ``checks.py``.
 
 Nothing in a ``step()`` reads a tensor value back to the host (no ``.item()``): norms and ratios stay
 tensors, and a per-tensor ratio reaches the elementwise update as a 0-dim tensor that the kernel broadcasts.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,38 +84,6 @@ def default_foreach(params: Iterable[Tensor]) -> bool:
     if torch.jit.is_scripting():
         return False
     return all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def _check(name: str, ok: bool, value, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (must be {rule})")
-
-
-def _is_real(x) -> bool:
-    return (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (isinstance(x, Tensor) and x.numel() == 1)
-
-
-def check_lr(lr) -> None:
-    _check("lr", _is_real(lr) and lr >= 0, lr, ">= 0")
-
-
-def check_nonneg(name: str, value) -> None:
-    _check(name, _is_real(value) and value >= 0, value, ">= 0")
-
-
-def check_positive(name: str, value) -> None:
-    _check(name, _is_real(value) and value > 0, value, "> 0")
-
-
-def check_trust_clip(value) -> None:
-    _check("trust_clip", value is None or (_is_real(value) and value > 0), value, "None or > 0")
-
-
-def check_betas(betas) -> None:
-    ok = isinstance(betas, (tuple, list)) and len(betas) == 2
-    _check("betas", ok, betas, "a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        _check(f"betas[{i}]", _is_real(b) and 0 <= b < 1, b, "in [0, 1)")
 
 
 class TrustRatioOptimizer(Optimizer):

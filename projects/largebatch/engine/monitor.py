@@ -46,7 +46,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..optim import AGVM
-from ..utils import atomic_write
+from ..files import atomic_write
 
 logger = logging.getLogger("largebatch")
 

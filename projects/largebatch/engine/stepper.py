@@ -1,0 +1,202 @@
+"""``LargeBatchStepper``: the inner loop of the trainer (a detectron2 SimpleTrainer), one optimizer step a call.
+
+It is the one place that sees the gradients after the backward pass and before the optimizer step: it
+accumulates micro-batches, forms the two half means of the workers on measurement iterations and publishes
+the gradient measurement (``largebatch.probe``) that AGVM and the monitor read, stops every worker at once on
+non-finite losses or gradients, and handles AMP itself, so every feature sees unscaled gradients.
+"""
+import time
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch.nn.parallel import DistributedDataParallel
+
+from ..optim import AGVM
+from ..probe import HalfGroupReducer, ModuleLayout, broadcast_from_main, cosine_variance
+
+__all__ = ["LargeBatchStepper"]
+
+
+class LargeBatchStepper(SimpleTrainer):
+    """One optimizer step from ``accumulate_steps`` micro-batches, with the gradient probe of AGVM/monitor.
+
+    Args:
+        model: the (possibly DDP-wrapped) model.
+        data_loader, optimizer: as for SimpleTrainer; ``optimizer`` may be an ``AGVM`` wrapper.
+        accumulate_steps: micro-batches per optimizer step (DDP all-reduces only the last one).
+        variance_period: measure grad_var/<part> every this many iterations (0: only when AGVM needs it).
+        amp: torch.autocast (float16 on CUDA, bfloat16 on CPU) + GradScaler; the gradients are unscaled
+            before anything reads them (finiteness check, gradient variance, clipping, trust ratios).
+        device_type: "cuda" or "cpu", for AMP.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False,
+                 device_type="cuda"):
+        super().__init__(model, data_loader, optimizer)
+        self.accumulate_steps = accumulate_steps
+        self.variance_period = variance_period
+        self.device_type = device_type
+        self.grad_scaler = torch.amp.GradScaler(device_type) if amp else None
+        self.layout = ModuleLayout(optimizer)  # follows the optimizer's groups across load_state_dict
+        self.world_size = comm.get_world_size()
+        self.reducer = HalfGroupReducer(self.world_size) if self.world_size > 1 else None
+        self.agvm = optimizer if isinstance(optimizer, AGVM) else None
+        base = self.agvm.optimizer if self.agvm else optimizer
+        self.adam_normalized = "betas" in base.param_groups[0]  # AdamW, LAMB, PMD-LAMB (official AGVM code)
+        self.last_phi: Optional[Dict[str, float]] = None
+        self.grad_norms: Optional[torch.Tensor] = None  # per-parameter gradient norms of this iteration
+
+    def is_measurement_iter(self, iteration: int) -> bool:
+        if self.agvm is not None and self.agvm.is_measurement_iter(iteration):
+            return True
+        return self.variance_period > 0 and iteration % self.variance_period == 0
+
+    def _forward_backward(self, data, scale: float, sync: bool) -> Dict[str, torch.Tensor]:
+        no_sync = isinstance(self.model, DistributedDataParallel) and not sync
+        with self.model.no_sync() if no_sync else nullcontext():
+            with torch.autocast(self.device_type) if self.grad_scaler is not None else nullcontext():
+                loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values()) * scale
+            (self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses).backward()
+        return {k: v.detach() for k, v in loss_dict.items()}
+
+    def run_step(self):
+        assert self.model.training, "[LargeBatchStepper] model was changed to eval mode!"
+        start = time.perf_counter()
+        batches = [next(self._data_loader_iter) for _ in range(self.accumulate_steps)]
+        data_time = time.perf_counter() - start
+        measure = self.is_measurement_iter(self.iter)
+        k = len(batches)
+        self.optimizer.zero_grad()
+        loss_dicts: List[Dict[str, torch.Tensor]] = []
+        if measure and self.reducer is None:
+            g1, g2 = self._split_batch_halves(batches, loss_dicts)
+        else:
+            for i, data in enumerate(batches):
+                # DDP all-reduces the last micro-batch only, and none on measurement iterations
+                loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
+            g1 = g2 = None
+            if measure:
+                g1, g2 = self.reducer.reduce(self.layout)
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            if g1 is not None:
+                inv_scale = 1.0 / self.grad_scaler.get_scale()
+                g1, g2 = g1 * inv_scale, g2 * inv_scale
+        loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
+        grads_finite = self._check_finite(loss_dict)
+        if measure and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
+            self._measure_variance(g1, g2)
+        self._write_metrics(loss_dict, data_time)
+        if self.agvm is not None:
+            # AGVM applies mu from its start_iter on by its step count: keep that count on the trainer's
+            # iteration (a resume from a checkpoint without AGVM, a step GradScaler skipped)
+            self.agvm.iteration = self.iter
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _split_batch_halves(self, batches, loss_dicts):
+        """One worker: G1 / G2 from the two halves of every micro-batch (two backward passes); the step then
+        uses their mean, i.e. what two workers holding one half each would all-reduce."""
+        if any(len(data) < 2 for data in batches):
+            raise ValueError("gradient variance on one worker needs >= 2 images per batch (SOLVER.IMS_PER_BATCH)")
+        halves = []
+        for part in (0, 1):
+            self.optimizer.zero_grad()
+            for data in batches:
+                n = len(data) // 2
+                loss_dicts.append(self._forward_backward(data[:n] if part == 0 else data[n:], 1.0 / len(batches), True))
+            halves.append(self.layout.flat_grads())
+        g1, g2 = halves
+        self.layout.write_grads((g1 + g2) / 2)
+        return g1, g2
+
+    def _check_finite(self, loss_dict) -> bool:
+        """The divergence guard, every iteration, before the step: a non-finite loss (on any worker) or
+        gradient stops training on every worker at once, with one FloatingPointError naming the iteration,
+        the workers and their non-finite losses, and the parts whose gradients (and weights) are not finite.
+        Nothing of this iteration is applied or checkpointed.
+
+        The losses are each worker's own: one small all-reduce of a (workers x losses) table, each worker
+        filling its row, gives every worker every loss, so all take the same decision and raise the same
+        message (a worker that raised alone would leave the others waiting in the next collective for the
+        whole timeout). The gradients are all-reduced already. One host sync for all of it.
+
+        Returns whether the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow,
+        whose step it skips (not a divergence). Keeps the per-parameter gradient norms (``self.grad_norms``,
+        layout order, parameters with a gradient only) for the monitor."""
+        with_grad = [p for p in self.layout.params if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
+        device = norms.device if norms is not None else self.layout.params[0].device
+        self.grad_norms = norms if norms is not None else torch.zeros(0, device=device)
+        keys = list(loss_dict)
+        losses = torch.zeros(self.world_size, len(keys) + 1, device=device)
+        losses[comm.get_rank(), : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
+        if norms is not None:
+            losses[comm.get_rank(), -1] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+        if self.world_size > 1:
+            torch.distributed.all_reduce(losses)  # rows of zeros elsewhere: every value arrives exactly
+        finite = torch.isfinite(losses).cpu()  # the host sync
+        grads_finite = bool(finite[:, -1].all())
+        if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
+            return grads_finite
+        part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
+        parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
+
+        def non_finite(params, values):
+            bad = {part_of[id(p)] for p, ok in zip(params, torch.isfinite(values).tolist()) if not ok}
+            return [part for part in parts if part in bad]
+
+        bad_grads = non_finite(with_grad, norms) if self.grad_scaler is None and norms is not None else []
+        with torch.no_grad():
+            weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.layout.params])).float()
+        bad_weights = non_finite(self.layout.params, weight_norms)
+        values = losses[:, :-1].cpu()
+        bad_losses = [
+            f"{'' if self.world_size == 1 else f'rank {rank}: '}"
+            + ", ".join(f"{k}={values[rank, i].item():g}" for i, k in enumerate(keys) if not finite[rank, i])
+            for rank in range(self.world_size) if not finite[rank, :-1].all()
+        ]
+        found = ([f"non-finite gradients in {', '.join(bad_grads)}"] if bad_grads else []) + (
+            [f"non-finite weights in {', '.join(bad_weights)}"] if bad_weights else []) + (
+            [f"non-finite losses {'; '.join(bad_losses)}"] if bad_losses else [])
+        raise FloatingPointError(
+            f"Training diverged at iteration {self.iter}: {'; '.join(found)}. Stopped on every worker before the "
+            "optimizer step: nothing of this iteration was applied or checkpointed, and --resume continues from "
+            "the last good checkpoint (OUTPUT_DIR/last_checkpoint)."
+        )
+
+    def _measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> None:
+        """grad_var/<part> = 1 - cos(G1, G2) (on the Adam-normalised gradients for Adam-family optimizers),
+        identical on all workers; AGVM's mu is updated from it on AGVM's measurement iterations."""
+        if self.adam_normalized:
+            base = self.agvm.optimizer if self.agvm else self.optimizer
+            g1, g2 = self.layout.adam_normalize(g1, base), self.layout.adam_normalize(g2, base)
+        phi_values = broadcast_from_main(cosine_variance(g1, g2, self.layout.slices)).tolist()
+        self.last_phi = dict(zip(self.layout.modules, phi_values))
+        storage = get_event_storage()
+        for module, phi in self.last_phi.items():
+            storage.put_scalar(f"grad_var/{module}", phi, smoothing_hint=False)
+        if self.agvm is not None and self.agvm.is_measurement_iter(self.iter):
+            for module, mu in self.agvm.update(self.last_phi).items():
+                storage.put_scalar(f"agvm_mu/{module}", mu, smoothing_hint=False)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
