@@ -118,22 +118,22 @@ def flat_to_named(flat, layout, model):
 
 
 def make_stepper(model, optimizer, batches, **kwargs):
+    """A LargeBatchStepper that records the raw half means G1, G2 it measured Phi on (through its public
+    ``measure_variance``), in the list it returns with it."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from largebatch.engine.trainer import LargeBatchStepper
+    from largebatch.engine.stepper import LargeBatchStepper
+
+    captured = []
+
+    class RecordingStepper(LargeBatchStepper):
+        def measure_variance(self, g1, g2):
+            captured.append((g1.clone(), g2.clone()))
+            return super().measure_variance(g1, g2)
 
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         model = DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
-    stepper = LargeBatchStepper(model, iter(batches), optimizer, **kwargs)
-    captured = []
-    measure = stepper._measure_variance
-
-    def capture(g1, g2):  # what the stepper measured Phi on: the raw half means G1, G2
-        captured.append((g1.clone(), g2.clone()))
-        measure(g1, g2)
-
-    stepper._measure_variance = capture
-    return stepper, captured
+    return RecordingStepper(model, iter(batches), optimizer, **kwargs), captured
 
 
 def sgd_agvm(model, lr=0.1, **agvm):
@@ -536,7 +536,7 @@ def test_trainer_resume_restores_mu(tmp_path, monkeypatch):
     trainer = LargeBatchTrainer(config(4))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    mu = dict(trainer._trainer.optimizer.mu)
+    mu = dict(trainer.stepper.optimizer.mu)
     assert mu["backbone"] == 1.0 and mu["rpn"] != 1.0 and mu["box_head"] != 1.0
     checkpoint = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)
     assert checkpoint["trainer"]["_trainer"]["optimizer"]["agvm"] == {"mu": mu, "iteration": 4}
@@ -544,12 +544,12 @@ def test_trainer_resume_restores_mu(tmp_path, monkeypatch):
     resumed = LargeBatchTrainer(config(5))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 4
-    assert resumed._trainer.optimizer.mu == mu and resumed._trainer.optimizer.iteration == 4
+    assert resumed.stepper.optimizer.mu == mu and resumed.stepper.optimizer.iteration == 4
     resumed.train()  # iteration 4 measures: mu moves on from the restored values, not from 1.0
     latest = resumed.storage.latest()
     phi = {m: latest[f"grad_var/{m}"][0] for m in mu}
     assert latest["agvm_mu/rpn"][1] == 4
-    assert resumed._trainer.optimizer.mu == pytest.approx(ref_update(mu, phi), rel=1e-12)
+    assert resumed.stepper.optimizer.mu == pytest.approx(ref_update(mu, phi), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _trainer(cfg):
 
 def _capture_steps(trainer):
     """Record, at every optimizer step, the weights before it, the gradients it uses and the groups' LRs."""
-    stepper = trainer._trainer
+    stepper = trainer.stepper
     layout, optimizer = stepper.layout, stepper.optimizer
     steps = []
 
@@ -114,7 +114,7 @@ def sgd_run(tmp_path_factory):
 
 def test_sgd_trust_ratio_is_weight_over_grad_norm_before_the_step(sgd_run):
     out, trainer, steps = sgd_run
-    layout = trainer._trainer.layout
+    layout = trainer.stepper.layout
     rows, lines = _read_jsonl(os.path.join(out, "layer_stats.jsonl"))
     header, records = rows[0], rows[1:]
     # the names once, in the first line only; one compact line per record
@@ -213,7 +213,7 @@ def _lamb_worker(rank, world_size, out):
 
     torch.manual_seed(rank)
     trainer = _trainer(_config(out, "SOLVER.OPTIMIZER", "LAMB", "SOLVER.BASE_LR", "0.001", max_iter=1))
-    stepper = trainer._trainer
+    stepper = trainer.stepper
     layout = stepper.layout
     steps = _capture_steps(trainer)
     local = []
@@ -296,7 +296,7 @@ def test_divergence_guard_stops_on_injected_nan_and_keeps_the_last_good_checkpoi
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 1
     # a NaN weight: the guard names the part whose weights broke and the non-finite losses
-    stepper = trainer._trainer
+    stepper = trainer.stepper
     with torch.no_grad():
         model.proposal_generator.rpn_head.conv.weight[0, 0, 0, 0] = float("nan")
     stepper.iter = 3

@@ -1,4 +1,4 @@
-"""What large-batch training is watched by: gradient variance per detector part and trust ratios per layer.
+"""The gradient probe: per-part gradient variance (AGVM eq. 3) and the measurement the trainer publishes.
 
 Gradient variance (AGVM eq. 3, without the eta^2 that all parts share): Phi_i = 1 - cos(G1_i, G2_i), where
 G1 / G2 are the mean gradients of the two halves of the workers, ranks [0, W/2) and [W/2, W). On a
@@ -10,12 +10,49 @@ so every worker applies the same AGVM multipliers. On one worker the two halves 
 batch (see the trainer). AGVM and the monitoring hook share this one implementation.
 """
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-ADAM_STATE_KEY = "exp_avg_sq"  # the second moment, as torch's AdamW and largebatch's LAMB / PMD-LAMB name it
+__all__ = ["GradientMeasurement", "ModuleLayout", "cosine_variance", "HalfGroupReducer", "broadcast_from_main",
+           "second_moment_state"]
+
+
+@dataclass(frozen=True)
+class GradientMeasurement:
+    """What the trainer's stepper measured on one iteration, published as ``stepper.measurement`` for AGVM and
+    the monitor (neither measures anything itself).
+
+    iteration: the trainer iteration it belongs to.
+    grad_norms: ||g|| of every parameter that has a gradient, in ``ModuleLayout.params`` order (float32, on the
+        parameters' device): the gradient the step uses (global mean over the workers, unscaled).
+    grads_finite: False when the gradients overflowed under AMP: GradScaler skips that step, and nothing of it
+        is measured or recorded.
+    phi: grad_var per detector part, Phi_i = 1 - cos(G1_i, G2_i) (AGVM eq. 3), identical on every worker;
+        None on iterations that are not measurement iterations (or whose step is skipped).
+    """
+
+    iteration: int
+    grad_norms: torch.Tensor
+    grads_finite: bool = True
+    phi: Optional[Dict[str, float]] = None
+
+
+def second_moment_state(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """The ``optimizer.state[p]`` key of Adam's second moment v when the optimizer has one, else None.
+
+    The official AGVM code measures Phi on Adam-normalised gradients for Adam-family optimizers. Optimizers
+    declare it: largebatch's LAMB / PMD-LAMB by a ``second_moment_state`` class attribute; torch's Adam and
+    AdamW (and detectron2's gradient-clipping subclasses of them) are known here. Their groups carry
+    ``betas`` and ``eps``."""
+    declared = getattr(optimizer, "second_moment_state", None)
+    if declared is not None:
+        return declared
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "exp_avg_sq"
+    return None
 
 
 class ModuleLayout:
@@ -85,14 +122,14 @@ class ModuleLayout:
             if p.grad is None:
                 p.grad = v.to(p.dtype, copy=True)
 
-    def adam_normalize(self, flat: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def adam_normalize(self, flat: torch.Tensor, optimizer: torch.optim.Optimizer, state_key: str) -> torch.Tensor:
         """g / (sqrt(beta2 * v + (1 - beta2) * g^2) + eps) per element, v = the optimizer's second moment
-        before this step (0 before the first): the Adam-normalised gradient on which the official AGVM code
-        measures Phi (eq. 3) for Adam-family optimizers (AdamW, LAMB, PMD-LAMB)."""
+        ``optimizer.state[p][state_key]`` before this step (0 before the first): the Adam-normalised gradient on
+        which the official AGVM code measures Phi (eq. 3) for Adam-family optimizers (AdamW, LAMB, PMD-LAMB)."""
         state = optimizer.state
         v = torch.cat([
             sq.reshape(-1).to(flat.dtype) if sq is not None else torch.zeros(n, device=flat.device, dtype=flat.dtype)
-            for sq, n in ((state.get(p, {}).get(ADAM_STATE_KEY), n) for p, n in zip(self.params, self.sizes))
+            for sq, n in ((state.get(p, {}).get(state_key), n) for p, n in zip(self.params, self.sizes))
         ])
         sizes = torch.tensor(self.sizes, device=flat.device)
         groups = self.groups

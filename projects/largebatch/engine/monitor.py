@@ -26,10 +26,13 @@ step and before the LR scheduler moves on (the trainer inserts the hook right af
   MONITOR.DIVERGENCE_FACTOR times since the previous record, stops training with one FloatingPointError
   naming the iteration and the parts. It runs before the PeriodicCheckpointer hook, so nothing of the
   diverged iteration is saved: ``--resume`` uses the last good checkpoint. (Non-finite losses and gradients
-  are caught earlier, every iteration and before the step, by ``LargeBatchStepper._check_finite``.)
+  are caught earlier, every iteration and before the step, by the trainer's stepper.)
 
-The gradient variance ``grad_var/<part>`` is measured by the trainer's inner loop, where the per-worker
-gradients are (``LargeBatchStepper._measure_variance``, every MONITOR.PERIOD iterations as well).
+What the hook reads, and nothing else: the stepper's published ``GradientMeasurement`` of the iteration
+(``trainer.stepper.measurement``: per-layer gradient norms, whether GradScaler skipped the step, and Phi where
+it was measured; ``largebatch.probe``) and public optimizer methods (``last_trust_ratios()``, AGVM's ``mu``
+and ``applied_lrs()``). The gradient variance ``grad_var/<part>`` is measured by the stepper, where the
+per-worker gradients are, every MONITOR.PERIOD iterations as well.
 
 All values are identical on every worker (the gradients are all-reduced, the weights replicated), so every
 worker takes the same decision in the jump check. Work is done only on recording iterations, with tensor
@@ -46,7 +49,9 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..optim import AGVM
+from ..optim.build import OPTIMIZER_CLASSES, optimizer_name
 from ..files import atomic_write
+from ..probe import GradientMeasurement
 
 logger = logging.getLogger("largebatch")
 
@@ -100,6 +105,7 @@ class MonitorHook(HookBase):
         self.per_layer = bool(monitor.PER_LAYER)
         self.factor = float(monitor.DIVERGENCE_FACTOR)
         self.path = os.path.join(cfg.OUTPUT_DIR, LAYER_STATS_FILE)
+        self.optimizer_name = OPTIMIZER_CLASSES[optimizer_name(cfg)].__name__
         # part -> {"grad_norm": ..., "trust_ratio": ...} of the last record, and its iteration
         self.previous: Dict[str, Dict[str, float]] = {}
         self.previous_iter: Optional[int] = None
@@ -107,7 +113,7 @@ class MonitorHook(HookBase):
 
     # -- set-up, once -------------------------------------------------------------------------------------
     def before_train(self):
-        self.stepper = self.trainer._trainer
+        self.stepper = self.trainer.stepper
         self.layout = self.stepper.layout
         self.optimizer = self.stepper.optimizer
         groups = self.optimizer.param_groups
@@ -133,17 +139,13 @@ class MonitorHook(HookBase):
             self._start_layer_file(self.trainer.start_iter)
 
     def _header(self) -> dict:
-        base = getattr(self.optimizer, "optimizer", self.optimizer)  # AGVM's wrapped optimizer
-        name = type(base).__name__
-        if name.endswith("WithGradientClip"):  # detectron2's maybe_add_gradient_clipping subclass
-            name = type(base).__mro__[1].__name__
         return {
             "format": LAYER_STATS_FORMAT,
             "names": self.names,
             "parts": self.layer_parts,
             "groups": self.group_index.tolist(),
             "ratio": "optimizer" if self.from_optimizer else "weight_grad_norm",
-            "optimizer": name,
+            "optimizer": self.optimizer_name,
             "period": self.period,
         }
 
@@ -182,7 +184,12 @@ class MonitorHook(HookBase):
         iteration = self.trainer.iter
         if iteration % self.period != 0:
             return
-        grad_norms = self._grad_norms()
+        measurement = self._measurement(iteration)
+        if not measurement.grads_finite:
+            # only with AMP (otherwise the trainer has stopped already): GradScaler skipped this step
+            logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded", iteration)
+            return
+        grad_norms = self._grad_norms(measurement)
         if grad_norms is None:
             return
         n = len(self.parts)
@@ -190,10 +197,6 @@ class MonitorHook(HookBase):
         part_grad = torch.zeros(n, dtype=torch.float64).index_add_(
             0, self.part_index[has_grad], grad_norms[has_grad].square()
         ).sqrt_()
-        if not torch.isfinite(part_grad).all():
-            # only with AMP (otherwise the trainer has stopped already): GradScaler skipped this step
-            logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded", iteration)
-            return
         part_has_grad = (torch.bincount(self.part_index[has_grad], minlength=n) > 0).tolist()
         current = {
             part: {"grad_norm": g} for part, g, ok in zip(self.parts, part_grad.tolist(), part_has_grad) if ok
@@ -215,7 +218,7 @@ class MonitorHook(HookBase):
                     storage.put_scalar(f"{key}_max/{part}", hi[i], smoothing_hint=False)
             if self.write_layers:
                 record = {"iter": iteration, "lr": lrs.tolist(), "trust_ratio": _compact(ratios)}
-                phi = self._phi_of(iteration)
+                phi = measurement.phi
                 if phi:
                     record["grad_var"] = dict(zip(phi, _compact(torch.tensor(list(phi.values())))))
                 if isinstance(self.optimizer, AGVM):
@@ -226,17 +229,23 @@ class MonitorHook(HookBase):
         self._check_jumps(iteration, current)
 
     # -- the values ------------------------------------------------------------------------------------------
-    def _grad_norms(self) -> Optional[torch.Tensor]:
-        """||g|| of every layer (layout order, float64, NaN: no gradient), from the trainer's finiteness check."""
+    def _measurement(self, iteration: int) -> GradientMeasurement:
+        """The stepper's measurement of this iteration; one taken here where the hook is driven by hand."""
+        measurement = self.stepper.measurement
+        if measurement is not None and measurement.iteration == iteration:
+            return measurement
+        grads = [p.grad for p in self.layout.params if p.grad is not None]
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]) if grads else torch.zeros(0)
+        return GradientMeasurement(iteration, norms, bool(torch.isfinite(norms).all()))
+
+    def _grad_norms(self, measurement: GradientMeasurement) -> Optional[torch.Tensor]:
+        """||g|| of every layer (layout order, float64, NaN: no gradient), from the measurement."""
         params = self.layout.params
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.bool)
         if not has_grad.any():
             return None
-        norms = self.stepper.grad_norms
-        if norms is None or norms.numel() != int(has_grad.sum()):  # not taken by this trainer: take them
-            norms = torch.stack([n.float() for n in torch._foreach_norm([p.grad for p in params if p.grad is not None])])
         out = torch.full((len(params),), float("nan"), dtype=torch.float64)
-        out[has_grad] = norms.to("cpu", torch.float64)
+        out[has_grad] = measurement.grad_norms.to("cpu", torch.float64)
         return out
 
     def _trust_ratios(self, grad_norms: torch.Tensor, has_grad: torch.Tensor) -> torch.Tensor:
@@ -255,18 +264,12 @@ class MonitorHook(HookBase):
         ratio = torch.where((w > 0) & (g > 0), w / g, torch.ones_like(w))
         return torch.where(has_grad, ratio, torch.full_like(ratio, float("nan")))
 
-    def _phi_of(self, iteration: int) -> Optional[Dict[str, float]]:
-        """grad_var/<part> the trainer measured in this iteration, if it did."""
-        measured = getattr(self.stepper, "is_measurement_iter", None)
-        if measured is None or not measured(iteration):
-            return None
-        return getattr(self.stepper, "last_phi", None)
-
     def _step_lrs(self) -> torch.Tensor:
         """The LR each optimizer param group stepped with (AGVM's mu included where it applied it)."""
         opt = self.optimizer
-        mu = opt.mu if isinstance(opt, AGVM) and opt.iteration > opt.start_iter else {}
-        return torch.tensor([g["lr"] * mu.get(g["module"], 1.0) for g in opt.param_groups], dtype=torch.float64)
+        applied = opt.applied_lrs() if isinstance(opt, AGVM) else None
+        lrs = applied if applied is not None else [g["lr"] for g in opt.param_groups]
+        return torch.tensor(lrs, dtype=torch.float64)
 
     # -- divergence -------------------------------------------------------------------------------------------
     def _check_jumps(self, iteration: int, current: Dict[str, Dict[str, float]]) -> None:

@@ -16,7 +16,14 @@ from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from ..optim import AGVM
-from ..probe import HalfGroupReducer, ModuleLayout, broadcast_from_main, cosine_variance
+from ..probe import (
+    GradientMeasurement,
+    HalfGroupReducer,
+    ModuleLayout,
+    broadcast_from_main,
+    cosine_variance,
+    second_moment_state,
+)
 
 __all__ = ["LargeBatchStepper"]
 
@@ -45,10 +52,23 @@ class LargeBatchStepper(SimpleTrainer):
         self.world_size = comm.get_world_size()
         self.reducer = HalfGroupReducer(self.world_size) if self.world_size > 1 else None
         self.agvm = optimizer if isinstance(optimizer, AGVM) else None
-        base = self.agvm.optimizer if self.agvm else optimizer
-        self.adam_normalized = "betas" in base.param_groups[0]  # AdamW, LAMB, PMD-LAMB (official AGVM code)
-        self.last_phi: Optional[Dict[str, float]] = None
-        self.grad_norms: Optional[torch.Tensor] = None  # per-parameter gradient norms of this iteration
+        self._stepping = self.agvm.optimizer if self.agvm else optimizer  # the optimizer that does the update
+        # AdamW, LAMB, PMD-LAMB: Phi on Adam-normalised gradients (the official AGVM code)
+        self._second_moment = second_moment_state(self._stepping)
+        self.adam_normalized = self._second_moment is not None
+        #: this iteration's GradientMeasurement (largebatch.probe), published before the optimizer step
+        self.measurement: Optional[GradientMeasurement] = None
+        self._last_phi: Optional[Dict[str, float]] = None
+
+    @property
+    def last_phi(self) -> Optional[Dict[str, float]]:
+        """The most recent Phi per part (grad_var), of this or an earlier measurement iteration."""
+        return self._last_phi
+
+    @property
+    def grad_norms(self) -> Optional[torch.Tensor]:
+        """This iteration's per-parameter gradient norms (see GradientMeasurement)."""
+        return None if self.measurement is None else self.measurement.grad_norms
 
     def is_measurement_iter(self, iteration: int) -> bool:
         if self.agvm is not None and self.agvm.is_measurement_iter(iteration):
@@ -90,14 +110,18 @@ class LargeBatchStepper(SimpleTrainer):
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
                 g1, g2 = g1 * inv_scale, g2 * inv_scale
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
-        grads_finite = self._check_finite(loss_dict)
+        norms, grads_finite = self._check_finite(loss_dict)
+        phi = None
         if measure and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
-            self._measure_variance(g1, g2)
+            phi = self.measure_variance(g1, g2)
+        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
-            # AGVM applies mu from its start_iter on by its step count: keep that count on the trainer's
-            # iteration (a resume from a checkpoint without AGVM, a step GradScaler skipped)
-            self.agvm.iteration = self.iter
+            if phi is not None and self.agvm.is_measurement_iter(self.iter):
+                storage = get_event_storage()
+                for module, mu in self.agvm.update(phi).items():  # AGVM eq. 4-5
+                    storage.put_scalar(f"agvm_mu/{module}", mu, smoothing_hint=False)
+            self.agvm.set_iteration(self.iter)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
@@ -131,13 +155,12 @@ class LargeBatchStepper(SimpleTrainer):
         message (a worker that raised alone would leave the others waiting in the next collective for the
         whole timeout). The gradients are all-reduced already. One host sync for all of it.
 
-        Returns whether the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow,
-        whose step it skips (not a divergence). Keeps the per-parameter gradient norms (``self.grad_norms``,
-        layout order, parameters with a gradient only) for the monitor."""
+        Returns the per-parameter gradient norms (layout order, parameters with a gradient only) and whether
+        the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow, whose step it skips
+        (not a divergence)."""
         with_grad = [p for p in self.layout.params if p.grad is not None]
         norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
         device = norms.device if norms is not None else self.layout.params[0].device
-        self.grad_norms = norms if norms is not None else torch.zeros(0, device=device)
         keys = list(loss_dict)
         losses = torch.zeros(self.world_size, len(keys) + 1, device=device)
         losses[comm.get_rank(), : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
@@ -148,7 +171,7 @@ class LargeBatchStepper(SimpleTrainer):
         finite = torch.isfinite(losses).cpu()  # the host sync
         grads_finite = bool(finite[:, -1].all())
         if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
-            return grads_finite
+            return norms if norms is not None else torch.zeros(0, device=device), grads_finite
         part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
         parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
 
@@ -175,20 +198,21 @@ class LargeBatchStepper(SimpleTrainer):
             "the last good checkpoint (OUTPUT_DIR/last_checkpoint)."
         )
 
-    def _measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> None:
-        """grad_var/<part> = 1 - cos(G1, G2) (on the Adam-normalised gradients for Adam-family optimizers),
-        identical on all workers; AGVM's mu is updated from it on AGVM's measurement iterations."""
+    def measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> Dict[str, float]:
+        """grad_var/<part> = 1 - cos(G1, G2) (AGVM eq. 3) from the two half means G1 / G2 (flat, layout order),
+        on the Adam-normalised gradients for Adam-family optimizers; identical on all workers (rank 0's values).
+        Writes the grad_var/<part> metrics and returns Phi per part. Called on measurement iterations whose step
+        is taken; a subclass may override it to observe G1 / G2."""
         if self.adam_normalized:
-            base = self.agvm.optimizer if self.agvm else self.optimizer
-            g1, g2 = self.layout.adam_normalize(g1, base), self.layout.adam_normalize(g2, base)
+            g1 = self.layout.adam_normalize(g1, self._stepping, self._second_moment)
+            g2 = self.layout.adam_normalize(g2, self._stepping, self._second_moment)
         phi_values = broadcast_from_main(cosine_variance(g1, g2, self.layout.slices)).tolist()
-        self.last_phi = dict(zip(self.layout.modules, phi_values))
+        phi = dict(zip(self.layout.modules, phi_values))
         storage = get_event_storage()
-        for module, phi in self.last_phi.items():
-            storage.put_scalar(f"grad_var/{module}", phi, smoothing_hint=False)
-        if self.agvm is not None and self.agvm.is_measurement_iter(self.iter):
-            for module, mu in self.agvm.update(self.last_phi).items():
-                storage.put_scalar(f"agvm_mu/{module}", mu, smoothing_hint=False)
+        for module, value in phi.items():
+            storage.put_scalar(f"grad_var/{module}", value, smoothing_hint=False)
+        self._last_phi = phi
+        return phi
 
     def state_dict(self):
         ret = super().state_dict()

@@ -71,6 +71,12 @@ class LargeBatchTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @property
+    def stepper(self) -> LargeBatchStepper:
+        """The inner loop (detectron2 keeps it as ``_trainer``): its ``measurement``, ``layout`` and ``optimizer``
+        are what the hooks read."""
+        return self._trainer
+
     @classmethod
     def build_model(cls, cfg, for_training=True):
         """detectron2's model with MODEL.SYNC_BN applied; ``for_training=False`` for evaluation, which works on

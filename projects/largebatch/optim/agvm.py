@@ -71,6 +71,7 @@ class AGVM(torch.optim.Optimizer):
         self.mu: Dict[str, float] = OrderedDict((m, 1.0) for m in OrderedDict.fromkeys(modules))
         self.iteration = 0  # optimizer steps taken so far
         self._warned_non_finite = set()  # parts whose non-finite Phi was logged
+        self._applied_lrs = None  # the LR of each group in the last step
         self.defaults = optimizer.defaults
         # what torch.optim.Optimizer.__init__ would set up; the groups themselves stay the wrapped optimizer's
         for hooks in (
@@ -101,6 +102,17 @@ class AGVM(torch.optim.Optimizer):
     def __repr__(self):
         return f"AGVM(anchor={self.anchor}, momentum={self.momentum}, interval={self.interval}, " \
                f"start_iter={self.start_iter}, clamp={self.clamp}) over {self.optimizer!r}"
+
+    def set_iteration(self, iteration: int) -> None:
+        """The trainer's iteration of the next step. AGVM applies mu from ``start_iter`` on by its step count;
+        the trainer keeps that count on its own iteration (a resume from a checkpoint without AGVM, a step that
+        GradScaler skipped)."""
+        self.iteration = int(iteration)
+
+    def applied_lrs(self):
+        """The LR each param group stepped with in the last step: the scheduler's LR times mu[module] where
+        mu was applied (from ``start_iter`` on), as a list in param-group order; None before the first step."""
+        return None if self._applied_lrs is None else list(self._applied_lrs)
 
     def is_measurement_iter(self, iteration: int) -> bool:
         """Whether Phi (eq. 3) is measured and mu updated (eq. 4-5) at this iteration: every tau = ``interval``
@@ -142,11 +154,13 @@ class AGVM(torch.optim.Optimizer):
         group's LR is multiplied by mu[group["module"]] for this step and then restored (the scheduler owns
         eta); before it, a plain step."""
         if self.iteration < self.start_iter:
+            self._applied_lrs = [g["lr"] for g in self.param_groups]
             loss = self.optimizer.step(closure)
         else:
             base_lrs = [g["lr"] for g in self.param_groups]
             for g in self.param_groups:
                 g["lr"] = g["lr"] * self.mu[g["module"]]
+            self._applied_lrs = [g["lr"] for g in self.param_groups]
             try:
                 loss = self.optimizer.step(closure)
             finally:  # the scheduler owns the base LR: give it back untouched

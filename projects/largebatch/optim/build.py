@@ -11,7 +11,9 @@ from .groups import ModulePartition, build_param_groups
 from .lamb import LAMB, PMDLAMB
 from .lars import LARS
 
-OPTIMIZERS = ("SGD", "ADAMW", "LARS", "LAMB", "PMDLAMB")
+#: SOLVER.OPTIMIZER names and the classes they build
+OPTIMIZER_CLASSES = {"SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW, "LARS": LARS, "LAMB": LAMB, "PMDLAMB": PMDLAMB}
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 logger = logging.getLogger("largebatch")
 
 

@@ -50,6 +50,10 @@ class _LambBase(TrustRatioOptimizer):
     int, so it is in ``state_dict()["param_groups"]`` and a resumed run continues exactly); it counts the
     steps in which the group had at least one gradient."""
 
+    #: where Adam's second moment v lives (``state[p][...]``), declared for the gradient probe, which measures
+    #: AGVM's Phi on Adam-normalised gradients for Adam-family optimizers
+    second_moment_state = "exp_avg_sq"
+
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
