@@ -3,7 +3,7 @@
 ``add_largebatch_config(cfg)`` adds every key the project reads; ``validate(cfg)`` (the one validator) checks
 the values before anything is built, so a bad value fails at once with one line naming the key, the value and
 what is allowed; ``load_config(file, overrides, num_workers)`` is get_cfg + these keys + the file + the
-overrides, validated. ``DETECTOR_PARTS`` is the one list of detector parts.
+overrides, validated. The detector parts are ``largebatch.optim.groups.DETECTOR_PARTS`` (re-exported here).
 """
 import difflib
 import logging
@@ -12,10 +12,10 @@ import os
 from detectron2.config import CfgNode as CN
 
 from .optim.build import OPTIMIZERS
+from .optim.groups import DETECTOR_PARTS
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
-DETECTOR_PARTS = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
 DEVICE_KINDS = ("cuda", "cpu")
 
 

@@ -1,7 +1,7 @@
 """Parameter groups that know which detector part they belong to.
 
-Every group carries ``"module"`` (the detector part: backbone, fpn, rpn, box_head, mask_head, head,
-sem_seg_head, other; AGVM and the monitor aggregate per part) and ``"adapt"`` (whether layer-wise
+Every group carries ``"module"`` (the detector part, one of ``DETECTOR_PARTS``; AGVM and the monitor
+aggregate per part) and ``"adapt"`` (whether layer-wise
 optimizers apply their trust ratio), on top of detectron2's weight-decay and bias-LR rules. Parameters
 with equal settings share one group, so an R50-FPN has a handful of groups instead of one per tensor.
 
@@ -12,6 +12,10 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+#: The detector parts, in the order metrics and plots list them: the one list (config validation, AGVM, the
+#: monitor and the plots all take it from here). "other" is whatever no rule matches.
+DETECTOR_PARTS: Tuple[str, ...] = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
 
 # Parameter-name rules for detectron2's meta-architectures (GeneralizedRCNN, RetinaNet, PanopticFPN),
 # tried in order, the first match wins. Names are those of the bare model ("module." of DDP is stripped).

@@ -132,8 +132,7 @@ class _LambBase(TrustRatioOptimizer):
 
             k = c["k"]
             if self._use_work_buffers(b_params[0].device):
-                # CPU: a fresh param-sized temporary page-faults on every step (glibc hands large blocks
-                # back to the OS), which costs more than a pass; reuse one persistent buffer instead
+                # reuse one persistent buffer (why: TrustRatioOptimizer._reuse_buffers)
                 u = self._scratch(b_params)
                 torch._foreach_copy_(u, b_v)
                 if c["eps_in"] != 0:

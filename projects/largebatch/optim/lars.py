@@ -177,7 +177,7 @@ class LARS(TrustRatioOptimizer):
                     # (such ops take torch's per-tensor fallback on CUDA, the scalar ones are fused)
                     axpy_(b_bufs, torch._foreach_add(b_grads, b_params, alpha=wd), coef)
                 else:
-                    # buf += local * g + (local * wd) * w: no temporary (it would page-fault on CPU)
+                    # buf += local * g + (local * wd) * w: no temporary (TrustRatioOptimizer._reuse_buffers)
                     axpy_(b_bufs, b_grads, coef)
                     if wd != 0:
                         axpy_(b_bufs, b_params, scaled_lists(local * wd, dtype) if group["adapt"] else wd)
