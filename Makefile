@@ -6,9 +6,10 @@ PYTHON ?= $(VENV)/bin/python
 NUM_WORKERS ?= 2
 DEMO_CONFIG ?= configs/shapes/demo.yaml
 DEMO_DIR ?= output/demo
+GPU_CHECK_DIR ?= output/gpu_check
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench study clean
+.PHONY: setup demo test test-fast lint bench study clean gpu-check
 setup: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP),setup-external)
 
 $(STAMP): tools/setup_env.sh setup.py
@@ -27,6 +28,14 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+# for iteration: everything but the end-to-end runs in subprocesses / worker processes (marked slow)
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# ruff (pycodestyle, pyflakes, import order; line length 120): configured in pyproject.toml
+lint: setup
+	$(PYTHON) -m ruff check .
+
 bench: setup
 	$(PYTHON) bench/optim_step.py
 	$(PYTHON) bench/agvm_overhead.py
@@ -34,6 +43,9 @@ bench: setup
 
 study: setup
 	$(PYTHON) bench/large_batch_study.py
+
+gpu-check: setup
+	bash tools/gpu_check.sh $(GPU_CHECK_DIR)
 
 clean:
 	rm -rf output

@@ -1,37 +1,23 @@
 """SOLVER.ACCUMULATE_STEPS: k micro-batches make the gradient of one batch k times larger (float64, no BN),
 on one worker and on 2 gloo workers under DDP (which all-reduces only the last micro-batch)."""
 import torch
-import torch.distributed as dist
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed import run_workers
+from helpers import TinyDetector, make_batch
 from largebatch.engine.trainer import LargeBatchStepper
 from largebatch.optim.groups import build_param_groups
 
 IMAGES_PER_WORKER_STEP = 8  # per worker and optimizer step, in k micro-batches
 
 
-class TinyDetector(torch.nn.Module):
-    """Per-image losses averaged over the batch, as detectron2's models do; parts named like an R-CNN."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = torch.nn.Linear(5, 4).double()
-        self.proposal_generator = torch.nn.Linear(4, 3).double()
-
-    def forward(self, batch):
-        x = torch.stack([d["x"] for d in batch])
-        y = torch.stack([d["y"] for d in batch])
-        h = torch.tanh(self.backbone(x))
-        return {"loss_a": ((self.proposal_generator(h) - y) ** 2).mean(), "loss_b": h.abs().mean()}
+def _model(dtype=torch.float64):
+    """Per-image losses averaged over the batch, as detectron2's models do; two parts: backbone and rpn."""
+    return TinyDetector(backbone=(5, 4), rpn=3, box_head=None, tanh_features=True, feature_loss=True, dtype=dtype)
 
 
 def _samples(rank, n):
-    g = torch.Generator().manual_seed(100 + rank)
-    return [{"x": torch.randn(5, generator=g, dtype=torch.float64),
-             "y": torch.randn(3, generator=g, dtype=torch.float64)} for _ in range(n)]
+    return make_batch(100 + rank, n, x=5, rpn=3, box=None)
 
 
 def _loader(samples, micro_batch):
@@ -63,7 +49,7 @@ def _accumulated_grads(model, samples, k, ddp=False, allreduce_calls=None):
 
 
 def _one_batch_grads(samples):
-    model = TinyDetector()
+    model = _model()
     sum(model(samples).values()).backward()
     return [p.grad for p in model.parameters()]
 
@@ -72,14 +58,14 @@ def test_accumulation_equals_one_big_batch_on_one_worker():
     samples = _samples(0, IMAGES_PER_WORKER_STEP)
     expected = _one_batch_grads(samples)
     for k in (1, 2, 4):
-        got = _accumulated_grads(TinyDetector(), samples, k)
+        got = _accumulated_grads(_model(), samples, k)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def _ddp_worker(rank, world_size, k):
     calls = []
-    got = _accumulated_grads(TinyDetector(), _samples(rank, IMAGES_PER_WORKER_STEP), k, ddp=True, allreduce_calls=calls)
+    got = _accumulated_grads(_model(), _samples(rank, IMAGES_PER_WORKER_STEP), k, ddp=True, allreduce_calls=calls)
     # every worker computes the reference itself: the mean over workers of each worker's big batch
     reference = [torch.zeros_like(g) for g in got]
     for r in range(world_size):
@@ -88,19 +74,10 @@ def _ddp_worker(rank, world_size, k):
     return len(calls), [torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, reference)]
 
 
-def test_accumulation_under_ddp_equals_the_global_big_batch():
+def test_accumulation_under_ddp_equals_the_global_big_batch(run_workers):
     results = run_workers(_ddp_worker, 2, 4)
     # one bucket all-reduced once: for the last of the 4 micro-batches only
     assert results == [(1, [True, True, True, True])] * 2
-
-
-class FloatTinyDetector(TinyDetector):
-    def __init__(self):
-        super().__init__()
-        self.float()
-
-    def forward(self, batch):
-        return super().forward([{k: v.float() for k, v in d.items()} for d in batch])
 
 
 def test_amp_gradients_are_unscaled_before_anything_reads_them():
@@ -109,11 +86,11 @@ def test_amp_gradients_are_unscaled_before_anything_reads_them():
     from largebatch.optim import AGVM
 
     samples = _samples(0, IMAGES_PER_WORKER_STEP)
-    reference = FloatTinyDetector()
+    reference = _model(torch.float32)  # the float64 samples are cast by the model
     sum(reference(samples).values()).backward()
     expected = [p.grad for p in reference.parameters()]
 
-    model = FloatTinyDetector()
+    model = _model(torch.float32)
     groups = build_param_groups(model, base_lr=0.0, weight_decay=0.0)
     optimizer = AGVM(torch.optim.SGD(groups, lr=0.0), interval=1)
     stepper = LargeBatchStepper(model, _loader(samples, 4), optimizer, accumulate_steps=2, amp=True,

@@ -13,14 +13,13 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 
 from distributed import run_workers
-from largebatch.probe import ModuleLayout, cosine_variance
+from helpers import TinyDetector, make_batch, part_of
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB, build_optimizer
 from largebatch.optim.groups import build_param_groups
+from largebatch.probe import ModuleLayout, cosine_variance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("backbone", "rpn", "box_head")
@@ -30,43 +29,6 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 # ------------------------------------------------------------------------------------------------------
 # a tiny "detector" and references computed by hand
 # ------------------------------------------------------------------------------------------------------
-class TinyDetector(nn.Module):
-    """forward(list of dicts) -> loss dict, like a detectron2 meta-architecture; losses are batch means."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
-        self.proposal_generator = nn.Linear(6, 3)
-        self.roi_heads = nn.Module()
-        self.roi_heads.box_head = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
-
-    def forward(self, batch):
-        x = torch.stack([d["x"] for d in batch])
-        f = self.backbone(x)
-        return {
-            "loss_rpn": F.mse_loss(self.proposal_generator(f), torch.stack([d["rpn"] for d in batch])),
-            "loss_box": F.mse_loss(self.roi_heads.box_head(torch.tanh(f)), torch.stack([d["box"] for d in batch])),
-        }
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return TinyDetector().double()
-
-
-def part_of(name):
-    return {"backbone": "backbone", "proposal_generator": "rpn", "roi_heads": "box_head"}[name.split(".")[0]]
-
-
-def make_batch(seed, n):
-    """n images of deterministic data: every process can build every rank's batch."""
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {k: torch.randn(size, generator=g, dtype=torch.float64) for k, size in (("x", 4), ("rpn", 3), ("box", 2))}
-        for _ in range(n)
-    ]
-
-
 def rank_batch(iteration, rank, micro=0, n=2):
     return make_batch(100_000 * iteration + 100 * rank + micro, n)
 
@@ -183,7 +145,7 @@ def check_measurement(stepper, storage, iteration, phi, mu):
 # eq. 4-5 and eq. 3 on their own
 # ------------------------------------------------------------------------------------------------------
 def test_update_matches_the_formula_of_eq4_eq5():
-    model = tiny_model()
+    model = TinyDetector()
     agvm = sgd_agvm(model)
     assert agvm.mu == {m: 1.0 for m in MODULES}
     mu = dict(agvm.mu)
@@ -211,7 +173,7 @@ def test_update_matches_the_formula_of_eq4_eq5():
 
 
 def test_invalid_arguments_are_refused():
-    model = tiny_model()
+    model = TinyDetector()
     with pytest.raises(ValueError, match="anchor"):
         sgd_agvm(model, anchor="fpn")
     with pytest.raises(ValueError, match="module"):
@@ -242,7 +204,7 @@ def test_cosine_variance_on_known_gradients():
 
 
 def test_layout_flattens_writes_back_and_follows_load_state_dict():
-    model = tiny_model()
+    model = TinyDetector()
     optimizer = sgd_agvm(model)
     layout = ModuleLayout(optimizer)
     assert layout.modules == list(MODULES)
@@ -274,7 +236,7 @@ def test_layout_flattens_writes_back_and_follows_load_state_dict():
 # the step: mu applied to the LR, LR restored, start_iter
 # ------------------------------------------------------------------------------------------------------
 def test_step_scales_each_modules_lr_from_start_iter_and_restores_it():
-    model = tiny_model()
+    model = TinyDetector()
     agvm = sgd_agvm(model, start_iter=2)
     agvm.mu.update({"rpn": 2.0, "box_head": 0.5})
     lrs = [g["lr"] for g in agvm.param_groups]
@@ -304,7 +266,7 @@ def test_agvm_from_config_with_every_optimizer(name):
     cfg.SOLVER.WARMUP_ITERS = 7
     cfg.SOLVER.AGVM.ENABLED = True
     cfg.SOLVER.AGVM.INTERVAL = 3
-    model = tiny_model()
+    model = TinyDetector()
     optimizer = build_optimizer(cfg, model)
     expected_type = {"SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW, "LARS": LARS, "LAMB": LAMB,
                      "PMDLAMB": PMDLAMB}[name]
@@ -334,7 +296,7 @@ def test_agvm_from_config_with_every_optimizer(name):
 
     # one worker, a measurement iteration: the batch is split in two halves
     cfg.SOLVER.AGVM.ENABLED = True
-    model = tiny_model()
+    model = TinyDetector()
     agvm = build_optimizer(cfg, model)
     stepper, captured = make_stepper(model, agvm, [make_batch(i, 4) for i in range(6)])
     assert stepper.adam_normalized == (name in ("ADAMW", "LAMB", "PMDLAMB"))
@@ -356,7 +318,7 @@ def test_agvm_from_config_with_every_optimizer(name):
 def test_single_worker_splits_each_micro_batch_in_halves():
     """W = 1, two micro-batches of 4 images: G1 / G2 = the gradients of the first / second two images of each
     micro-batch (averaged over the micro-batches); the step uses their mean; mu follows eq. 4-5."""
-    model = tiny_model()
+    model = TinyDetector()
     agvm = sgd_agvm(model, interval=2)
     batches = [make_batch(1000 * it + micro, 4) for it in range(3) for micro in range(2)]
     stepper, captured = make_stepper(model, agvm, batches, accumulate_steps=2)
@@ -384,7 +346,7 @@ def test_single_worker_splits_each_micro_batch_in_halves():
 
 
 def ref_grads_at(params, batch):
-    model = tiny_model()
+    model = TinyDetector()
     model.load_state_dict(params)
     return ref_grads(model, batch)
 
@@ -399,10 +361,10 @@ def _half_groups_worker(rank, world_size, accumulate):
     results = {}
 
     # --- SGD, interval 2: iterations 0 and 2 measure (no DDP all-reduce), iteration 1 is a plain DDP one
-    model = tiny_model()
+    model = TinyDetector()
     agvm = sgd_agvm(model, interval=2)
-    stepper, captured = make_stepper(model, agvm, [rank_batch(it, rank, m) for it in range(3) for m in range(accumulate)],
-                                     accumulate_steps=accumulate)
+    batches = [rank_batch(it, rank, m) for it in range(3) for m in range(accumulate)]
+    stepper, captured = make_stepper(model, agvm, batches, accumulate_steps=accumulate)
     mu = {m: 1.0 for m in MODULES}
     with EventStorage(0) as storage:
         for it in range(3):
@@ -426,7 +388,7 @@ def _half_groups_worker(rank, world_size, accumulate):
     results["sgd_params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     # --- AdamW, interval 1: Phi on the Adam-normalised half means, v = exp_avg_sq before the step
-    model = tiny_model(seed=1)
+    model = TinyDetector(seed=1)
     agvm = adamw_agvm(model, interval=1)
     stepper, captured = make_stepper(model, agvm, [rank_batch(it, rank) for it in range(10, 12)])
     names = {id(p): n for n, p in model.named_parameters()}
@@ -469,7 +431,7 @@ def test_half_group_gradients_on_gloo_workers(world_size, accumulate):
 # ------------------------------------------------------------------------------------------------------
 def test_state_dict_round_trip_continues_identically():
     """mu, the iteration count (here across start_iter) and the wrapped optimizer's momentum buffers."""
-    model = tiny_model()
+    model = TinyDetector()
     groups = build_param_groups(model, base_lr=0.05, weight_decay=1e-3)
     agvm = AGVM(torch.optim.SGD(groups, lr=0.05, momentum=0.9), start_iter=4)
     def train(model, agvm, iterations, seed_offset):
@@ -487,14 +449,15 @@ def test_state_dict_round_trip_continues_identically():
     saved = torch.load(buffer, weights_only=False)
     assert saved["optimizer"]["agvm"]["mu"] == agvm.mu and saved["optimizer"]["agvm"]["iteration"] == 3
 
-    fresh = tiny_model(seed=5)
+    fresh = TinyDetector(seed=5)
     fresh.load_state_dict(saved["model"])
     resumed = AGVM(torch.optim.SGD(build_param_groups(fresh, base_lr=0.05, weight_decay=1e-3), lr=0.05,
                                    momentum=0.9), start_iter=4)
     resumed.load_state_dict(saved["optimizer"])
     assert resumed.mu == agvm.mu and resumed.iteration == 3
     for p, q in zip(model.parameters(), fresh.parameters()):
-        torch.testing.assert_close(resumed.state[q]["momentum_buffer"], agvm.state[p]["momentum_buffer"], rtol=0, atol=0)
+        torch.testing.assert_close(resumed.state[q]["momentum_buffer"], agvm.state[p]["momentum_buffer"],
+                                   rtol=0, atol=0)
     train(model, agvm, 4, 100)
     train(fresh, resumed, 4, 100)
     assert resumed.mu == agvm.mu and resumed.iteration == agvm.iteration == 7
@@ -557,7 +520,7 @@ def test_trainer_resume_restores_mu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_update_leaves_mu_unchanged_for_a_non_finite_phi(bad, caplog):
-    agvm = sgd_agvm(tiny_model(), interval=1)
+    agvm = sgd_agvm(TinyDetector(), interval=1)
     agvm.update({"backbone": 0.5, "rpn": 0.2, "box_head": 0.1})
     before = dict(agvm.mu)
     with caplog.at_level("WARNING", logger="largebatch"):
@@ -574,7 +537,7 @@ def test_update_leaves_mu_unchanged_for_a_non_finite_phi(bad, caplog):
 def test_a_step_gradscaler_skips_is_not_measured_and_leaves_mu():
     """AMP overflow on a measurement iteration: GradScaler skips the step, and nothing of it reaches AGVM or
     the gradient-variance record (before the fix: mu became NaN for the rest of the run)."""
-    model = tiny_model().float()
+    model = TinyDetector(dtype=torch.float32)
     optimizer = sgd_agvm(model, interval=1)
     batches = [[{k: v.float() for k, v in d.items()} for d in rank_batch(i, 0, n=4)] for i in range(3)]
     stepper, captured = make_stepper(model, optimizer, batches, amp=True, device_type="cpu")

@@ -4,24 +4,17 @@ A machine whose torch reports a GPU is faked by ``fake_gpu_machine.py`` (it rais
 CUDA code paths themselves run in ``test_cuda.py`` on a GPU (tools/gpu_check.sh)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from distributed import run_workers
+from helpers import REPO, run_python, script_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(REPO, "tests", "fake_gpu_machine.py")
 
 
 def _run_on_fake_gpu_machine(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets"))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return subprocess.run([sys.executable, FAKE, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_python(FAKE, *args, timeout=timeout, env=script_env(CUDA_VISIBLE_DEVICES=None))
 
 
 @pytest.mark.slow
@@ -88,7 +81,7 @@ def _local_size_worker(rank, world_size, env):
     ([{"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}], [1, 1]),
     ([{"LOCAL_RANK": "0"}, {"LOCAL_RANK": "0"}], "expected the same number of workers on every machine"),
 ])
-def test_torchrun_local_world_size(env, expected):
+def test_torchrun_local_world_size(env, expected, run_workers):
     sizes = run_workers(_local_size_worker, 2, env, timeout=60)
     if isinstance(expected, str):
         assert any(expected in str(s) for s in sizes), sizes

@@ -7,29 +7,23 @@ pre-hook) and from each rank's local gradients (captured before the all-reduce),
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 from distributed import run_workers
+from helpers import make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs/shapes/sgd.yaml")
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
 
 def _config(out, *opts, max_iter=2, ims=2):
-    from largebatch.config import load_config
-    from largebatch.data import register_datasets
-
-    cfg = load_config(CONFIG, [
-        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.IMS_PER_BATCH", str(ims), "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATASETS.TEST", "()",
-        "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(out), *opts,
-    ])
-    register_datasets(cfg)
-    return cfg
+    return make_config(
+        "SOLVER.MAX_ITER", max_iter, "SOLVER.IMS_PER_BATCH", ims, "SOLVER.WARMUP_ITERS", 0, "SOLVER.STEPS", "()",
+        "SOLVER.CHECKPOINT_PERIOD", 1000, "DATASETS.TEST", "()", "MONITOR.PERIOD", 1, "OUTPUT_DIR", str(out), *opts,
+        config=CONFIG, register=True,
+    )
 
 
 def _trainer(cfg):
@@ -308,7 +302,9 @@ def test_divergence_guard_stops_on_injected_nan_and_keeps_the_last_good_checkpoi
 
 
 def test_plot_metrics_writes_the_pngs(sgd_run, tmp_path, capsys):
-    import plot_metrics
+    from helpers import import_script
+
+    plot_metrics = import_script("tools/plot_metrics.py")
 
     out, _, _ = sgd_run
     assert plot_metrics.main([str(out), "--out", str(tmp_path / "a"), "--iters", "0,1,7"]) == 0

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from helpers import REPO
 from largebatch.optim.lamb import LAMB, PMDLAMB
 from largebatch.optim.lars import LARS
 
@@ -203,7 +204,8 @@ def assert_history_close(got, want, rtol, atol):
     for step, ((gp, gr), (wp, wr)) in enumerate(zip(got, want), start=1):
         for gps, wps in zip(gp, wp):
             for a, b in zip(gps, wps):
-                torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"step {step}: {m}")
+                torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol,
+                                           msg=lambda m: f"step {step}: {m}")
         for a, b in zip(gr, wr):
             torch.testing.assert_close(
                 a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"ratios, step {step}: {m}"
@@ -438,8 +440,7 @@ def test_pmd_xi_wraps_each_cycle():
 
 
 def test_no_detectron2_import_in_optimizers():
-    here = os.path.dirname(os.path.abspath(__file__))
-    optim_dir = os.path.join(os.path.dirname(here), "projects", "largebatch", "optim")
+    optim_dir = os.path.join(REPO, "projects", "largebatch", "optim")
     for name in ("lars.py", "lamb.py", "trust_ratio.py", "checks.py", "agvm.py", "groups.py", "build.py"):
         tree = ast.parse(open(os.path.join(optim_dir, name)).read())
         for node in ast.walk(tree):

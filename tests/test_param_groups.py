@@ -6,9 +6,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from helpers import make_config
 from largebatch.config import validate
-from largebatch.config import load_config
-from largebatch.data import register_datasets
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB, ModulePartition, build_optimizer
 from largebatch.optim.build import optimizer_name
 
@@ -18,8 +17,8 @@ SMALL = [
 ]
 
 
-def small_cfg(*opts, config="configs/shapes/sgd.yaml"):
-    return load_config(config, SMALL + list(opts))
+def small_cfg(*opts, register=False):
+    return make_config(*SMALL, *opts, register=register)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,9 @@ def test_unknown_optimizer_is_one_line_listing_the_valid_ones():
     for check in (validate, optimizer_name):
         with pytest.raises(ValueError) as e:
             check(cfg)
-        assert str(e.value) == "SOLVER.OPTIMIZER = 'adagrad' is not allowed: expected one of SGD, ADAMW, LARS, LAMB, PMDLAMB"
+        assert str(e.value) == (
+            "SOLVER.OPTIMIZER = 'adagrad' is not allowed: expected one of SGD, ADAMW, LARS, LAMB, PMDLAMB"
+        )
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "ADAMW", "LARS", "LAMB", "PMDLAMB"])
@@ -119,8 +120,7 @@ def test_a_small_detector_trains_a_few_iterations_with_each_optimizer(optimizer,
     from largebatch import LargeBatchTrainer
 
     cfg = small_cfg("SOLVER.OPTIMIZER", optimizer, "SOLVER.AGVM.ENABLED", "True", "SOLVER.AGVM.INTERVAL", "2",
-                    "SOLVER.BASE_LR", "0.01", "OUTPUT_DIR", str(tmp_path))
-    register_datasets(cfg)
+                    "SOLVER.BASE_LR", "0.01", "OUTPUT_DIR", str(tmp_path), register=True)
     trainer = LargeBatchTrainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with EventStorage(0) as trainer.storage:

@@ -18,20 +18,16 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 
-from largebatch.config import add_largebatch_config
-from largebatch.config import load_config
-from largebatch.data import register_datasets
+from helpers import REPO, make_config
 from largebatch.engine.trainer import LargeBatchTrainer
 from largebatch.norm import GroupSyncBatchNorm, bn_size
 from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB
 from largebatch.optim.groups import ModulePartition
 from largebatch.solver import prepare_solver
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 RECIPES = [p for p in ALL_CONFIGS if not os.path.basename(p).startswith("Base-")]
@@ -40,19 +36,17 @@ IMAGES_PER_GPU = 8  # what every COCO recipe assumes
 OPTIMIZER_CLASSES = {
     "SGD": torch.optim.SGD, "ADAMW": torch.optim.AdamW, "LARS": LARS, "LAMB": LAMB, "PMDLAMB": PMDLAMB,
 }
+# one intra-op thread for the whole module (conftest.py): the recipes' CPU-sized models are tiny
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(path):
     return os.path.relpath(path, CONFIG_DIR)
 
 
-def _config(rel):
-    return os.path.join(CONFIG_DIR, rel)
-
-
 def _resolved_at_scale(rel_or_path):
     """The recipe resolved as it runs on COCO: IMS_PER_BATCH / 8 workers, 117266 training images."""
-    cfg = load_config(rel_or_path if os.path.isabs(rel_or_path) else _config(rel_or_path))
+    cfg = make_config(config=os.path.join(CONFIG_DIR, rel_or_path))  # an absolute path stays as it is
     world_size = max(1, cfg.SOLVER.IMS_PER_BATCH // IMAGES_PER_GPU)
     return prepare_solver(cfg, world_size, COCO_TRAIN_IMAGES), world_size
 
@@ -99,23 +93,12 @@ def test_config_loads_and_resolves(path):
 # ---------------------------------------------------------------------------------------------------------------
 # every recipe: one training iteration on the shapes data, CPU-sized
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy machine two OpenMP threads make each op ~20x slower
-    (measured: BatchNorm2d on 1x32x32x32, 16 ms with 2 threads vs 0.65 ms with 1 at load 10 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes_root():
     """Register shapes_train / shapes_val once for the module (generated on first use, then cached)."""
     root = os.path.join(os.environ.get("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets")), "shapes")
-    cfg = add_largebatch_config(get_cfg())
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.DATASETS.SHAPES_ROOT = ("shapes_train",), ("shapes_val",), root
-    register_datasets(cfg)
+    make_config("DATASETS.TRAIN", ("shapes_train",), "DATASETS.TEST", ("shapes_val",), "DATASETS.SHAPES_ROOT", root,
+                config=None, register=True)
     return root
 
 
@@ -137,7 +120,7 @@ def _cpu_sized(path, shapes_root, output_dir):
         "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
         "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(output_dir), "SEED", "0",
     ]
-    cfg = load_config(path, opts)
+    cfg = make_config(*opts, config=path)
     if cfg.SOLVER.AGVM.ENABLED:
         # measure the variance and update mu on this one iteration, instead of at the end of the warm-up
         cfg.SOLVER.AGVM.START_ITER = 0

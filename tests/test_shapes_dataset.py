@@ -177,6 +177,7 @@ def _run_concurrently(root, n_procs, num_train, num_val):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preexisting", ["none", "stale"])
 def test_concurrent_generation(tmp_path, preexisting):
     root = tmp_path / "shapes"

@@ -5,31 +5,20 @@ The distributed checks run in one 4-worker gloo process group: every worker retu
 test compares it here with torch.nn.BatchNorm2d (float64) applied to each group's joint batch.
 """
 import logging
-import os
-import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, ShapeSpec
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed import WorkerError, run_workers  # noqa: E402
-
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, ShapeSpec  # noqa: E402
-from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
-
-from largebatch import norm  # noqa: E402
-from largebatch.config import add_largebatch_config  # noqa: E402
-from largebatch.norm import (  # noqa: E402
-    GroupSyncBatchNorm,
-    bn_size,
-    build_sync_bn_from_cfg,
-    convert_sync_batchnorm,
-)
+from distributed import WorkerError
+from helpers import make_config
+from largebatch import norm
+from largebatch.norm import GroupSyncBatchNorm, bn_size, build_sync_bn_from_cfg, convert_sync_batchnorm
 
 C, H, W = 3, 4, 5
 STEPS = 2
@@ -129,7 +118,7 @@ def _sync_bn_worker(rank, world_size):
 
 
 @pytest.fixture(scope="module")
-def sync_bn_results():
+def sync_bn_results(run_workers):
     t0 = time.monotonic()
     results = run_workers(_sync_bn_worker, WORLD, timeout=120)
     return results, time.monotonic() - t0
@@ -280,14 +269,9 @@ def test_convert_plain_modules():
 
 
 def _resnet_cfg(norm_name="BN", freeze_at=2):
-    cfg = get_cfg()
-    add_largebatch_config(cfg)
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = norm_name
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
-    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
-    return cfg
+    return make_config("MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+                       "MODEL.RESNETS.NORM", norm_name, "MODEL.RESNETS.OUT_FEATURES", ["res5"],
+                       "MODEL.BACKBONE.FREEZE_AT", freeze_at, config=None)
 
 
 def _resnet(cfg):
@@ -311,15 +295,6 @@ def _count(model, cls):
 N_FROZEN, N_BN = 5, 15
 
 
-@pytest.fixture
-def one_thread():
-    """CPU convs on a busy 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_convert_detectron2_resnet(one_thread):
     cfg = _resnet_cfg()
     model = _resnet(cfg)
@@ -334,7 +309,8 @@ def test_convert_detectron2_resnet(one_thread):
     # include: only res5
     partial = convert_sync_batchnorm(_resnet(cfg), include=lambda name: name.startswith("res5."))
     assert _count(partial, GroupSyncBatchNorm) == 5
-    assert all(type(m) is GroupSyncBatchNorm for n, m in partial.named_modules() if n.startswith("res5.") and "norm" in n)
+    assert all(type(m) is GroupSyncBatchNorm
+               for n, m in partial.named_modules() if n.startswith("res5.") and "norm" in n)
     assert type(partial.res4[0].conv1.norm) is nn.BatchNorm2d
 
     # convert_frozen: FrozenBN -> trainable GroupSyncBatchNorm from its statistics; FREEZE_AT's convs stay frozen
@@ -418,7 +394,7 @@ def _conv_and_all_reduce(rank, world_size):
     return {"sum": t.item(), "threads": torch.get_num_threads(), "finite": bool(torch.isfinite(y))}
 
 
-def test_run_workers_after_multithreaded_work_in_parent():
+def test_run_workers_after_multithreaded_work_in_parent(run_workers):
     # the parent uses its OpenMP pool first (2 threads, whatever earlier tests set): forked workers must not hang
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -430,7 +406,7 @@ def test_run_workers_after_multithreaded_work_in_parent():
         torch.set_num_threads(threads)
 
 
-def test_run_workers_propagates_exceptions():
+def test_run_workers_propagates_exceptions(run_workers):
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match="boom from rank 1") as info:
         run_workers(_raise_on_rank1, 2, timeout=60)
@@ -439,7 +415,7 @@ def test_run_workers_propagates_exceptions():
     assert time.monotonic() - t0 < 30  # the blocked peer is killed, not waited for
 
 
-def test_run_workers_fork_needs_one_thread():
+def test_run_workers_fork_needs_one_thread(run_workers):
     with pytest.raises(ValueError, match="threads=1"):
         run_workers(_conv_and_all_reduce, 2, start_method="fork", threads=2)
 
@@ -452,7 +428,8 @@ def _hang(rank, world_size, collective):
     return rank
 
 
-def test_run_workers_timeout():
+@pytest.mark.slow
+def test_run_workers_timeout(run_workers):
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match="returned nothing within timeout=2"):  # no collective: the run's limit
         run_workers(_hang, 2, False, timeout=2)

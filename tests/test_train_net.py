@@ -2,15 +2,15 @@
 resume, eval-only and a two-"machine" launch on 127.0.0.1 (all on the embedded shapes dataset)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/shapes/sgd.yaml"
+from helpers import REPO, import_script, run_python, script_env
+from helpers import SHAPES_CONFIG as CONFIG
+
 # a few tiny iterations; score threshold 0 so that even an untrained model has detections to evaluate
 TINY = [
     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
@@ -18,30 +18,24 @@ TINY = [
 ]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(REPO, "projects") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets"))
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def train_net(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "train_net.py", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return run_python("train_net.py", *args, timeout=timeout)
 
 
 def _metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.json")) as f:
         return [json.loads(line) for line in f]
+
+
+def _last_evaluation(output_dir):
+    """The metrics.json record of the last evaluation during training."""
+    return [m for m in _metrics(output_dir) if "bbox/AP50" in m][-1]
+
+
+def _copypaste_values(log):
+    """The numbers of the last "copypaste: AP,AP50,..." values line detectron2's evaluation logs."""
+    line = [x for x in log.splitlines() if "copypaste: " in x and "," in x.split("copypaste: ")[1]][-1]
+    return [float(v) for v in line.split("copypaste: ")[1].split(",")]
 
 
 def test_collect_env_reports_versions(monkeypatch):
@@ -68,7 +62,8 @@ def test_collect_env_reports_versions(monkeypatch):
         (["--config-file", CONFIG, "SOLVER.OPTIMIZER", "adam"], "SOLVER.OPTIMIZER = 'adam' is not allowed"),
         (["--config-file", CONFIG, "SOLVER.LR_SCHEDULER_NAME", "Step"], "expected one of WarmupMultiStepLR"),
         (["--config-file", CONFIG, "--eval-only"], "--eval-only: MODEL.WEIGHTS"),
-        (["--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "1"], "SOLVER.IMS_PER_BATCH = 1 is not allowed on one worker"),
+        (["--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "1"],
+         "SOLVER.IMS_PER_BATCH = 1 is not allowed on one worker"),
         (["--config-file", CONFIG, "SOLVER.MAX_ITER", "5", "--resume"], "'--resume' is an argument, not a config key"),
         (["--num-gpus", "3", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"],
          "SOLVER.IMS_PER_BATCH = 4 is not allowed on 3 workers: expected a multiple of the number of workers"),
@@ -77,8 +72,7 @@ def test_collect_env_reports_versions(monkeypatch):
 )
 def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    sys.path.insert(0, REPO)
-    import train_net as cli_module
+    cli_module = import_script("train_net.py")
 
     with pytest.raises(SystemExit) as exit_info:
         cli_module.cli(argv)
@@ -87,6 +81,7 @@ def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeyp
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_bad_config_key_in_a_real_process_prints_no_traceback():
     result = train_net("--config-file", CONFIG, "SOLVER.OPTIMIZER", "nadam", timeout=120)
     assert result.returncode == 2
@@ -110,6 +105,7 @@ def two_worker_run(tmp_path_factory):
     return out, first, resumed, checkpoint_4
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_train_with_gloo_and_ddp(two_worker_run):
     out, first, _, checkpoint = two_worker_run
     log = first.stdout + first.stderr
@@ -128,6 +124,7 @@ def test_two_cpu_workers_train_with_gloo_and_ddp(two_worker_run):
     assert "bbox" in json.dumps(list(metrics[-1])) or any("bbox/AP" in m for m in metrics)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_iteration_count_and_lr_curve(two_worker_run):
     out, _, resumed, checkpoint_4 = two_worker_run
     assert "Loading scheduler from state_dict" in resumed.stdout + resumed.stderr
@@ -140,43 +137,45 @@ def test_resume_continues_the_iteration_count_and_lr_curve(two_worker_run):
     assert sorted(lrs)[-1] == 5
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_ap_of_training(two_worker_run):
     out, _, resumed, _ = two_worker_run
-    trained = [m for m in _metrics(out) if "bbox/AP50" in m][-1]
+    trained = _last_evaluation(out)
     result = train_net("--eval-only", "--config-file", CONFIG, *TINY,
                        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", out + "/eval")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
-    line = [x for x in log.splitlines() if "copypaste: " in x and "," in x.split("copypaste: ")[1]][-1]
-    values = [float(v) for v in line.split("copypaste: ")[1].split(",")]
+    values = _copypaste_values(log)
     # the copypaste line prints 4 decimals
     assert values[1] == pytest.approx(trained["bbox/AP50"], abs=5e-5, nan_ok=True)
     assert values[0] == pytest.approx(trained["bbox/AP"], abs=5e-5, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_eval_only_works_on_a_world_size_the_syncbn_group_does_not_divide(two_worker_run):
     """A recipe with BN groups of 4 evaluated on 2 workers: evaluation never synchronizes BN."""
     out, _, _, _ = two_worker_run
-    trained = [m for m in _metrics(out) if "bbox/AP50" in m][-1]
+    trained = _last_evaluation(out)
     result = train_net("--eval-only", "--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
                        "MODEL.SYNC_BN.ENABLED", "True", "MODEL.SYNC_BN.GROUP_SIZE", "4",
                        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", out + "/eval_group4")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    line = [x for x in log.splitlines() if "copypaste: " in x and "," in x.split("copypaste: ")[1]][-1]
-    ap = float(line.split("copypaste: ")[1].split(",")[0])
+    ap = _copypaste_values(log)[0]
     assert ap == pytest.approx(trained["bbox/AP"], abs=5e-5, nan_ok=True)
 
 
-def test_two_machines_on_localhost_train_together(tmp_path):
-    url = f"tcp://127.0.0.1:{_free_port()}"
+@pytest.mark.slow
+def test_two_machines_on_localhost_train_together(tmp_path, free_port):
+    url = f"tcp://127.0.0.1:{free_port}"
     common = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url, "--config-file", CONFIG, *TINY,
               "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "train_net.py", "--machine-rank", str(rank), *common, "OUTPUT_DIR", str(tmp_path / str(rank))],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "train_net.py", "--machine-rank", str(rank), *common,
+             "OUTPUT_DIR", str(tmp_path / str(rank))],
+            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
     ]
@@ -190,13 +189,13 @@ def test_two_machines_on_localhost_train_together(tmp_path):
     assert not os.path.exists(tmp_path / "1" / "model_final.pth")
 
 
-def test_torchrun_workers_join_its_process_group(tmp_path):
+@pytest.mark.slow
+def test_torchrun_workers_join_its_process_group(tmp_path, free_port):
     """Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set), train_net.py joins that group instead of spawning."""
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "train_net.py", "--config-file", CONFIG, *TINY,
-         "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    result = run_python(
+        "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port), "train_net.py", "--config-file", CONFIG, *TINY,
+        "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Rank of current process: 0. World size: 2" in result.stdout + result.stderr
