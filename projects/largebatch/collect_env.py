@@ -19,9 +19,9 @@ def detectron2_flavour() -> str:
 
 
 def collect_env() -> str:
+    import detectron2
     import torch
     import torchvision
-    import detectron2
 
     import largebatch
 

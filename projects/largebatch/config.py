@@ -13,6 +13,7 @@ from detectron2.config import CfgNode as CN
 
 from .optim.build import OPTIMIZERS
 from .optim.groups import DETECTOR_PARTS
+
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
@@ -285,7 +286,8 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.BASE_LR_END", s.BASE_LR_END, f"expected a number <= SOLVER.BASE_LR ({s.BASE_LR})")
     reference = s.REFERENCE_WORLD_SIZE
     if reference and s.IMS_PER_BATCH % reference:
-        fail("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, f"expected a multiple of SOLVER.REFERENCE_WORLD_SIZE ({reference})")
+        fail("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH,
+             f"expected a multiple of SOLVER.REFERENCE_WORLD_SIZE ({reference})")
     if num_workers is not None:
         if not reference and s.IMS_PER_BATCH % num_workers:  # with a reference, auto-scaling sets the batch
             raise ConfigError(
@@ -318,7 +320,9 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         raise ConfigError(f"--config-file {config_file!r}: no such file")
     flags = [o for o in opts if str(o).startswith("--")]
     if flags:  # argparse hands everything after the first KEY VALUE pair to the overrides
-        raise ConfigError(f"{flags[0]!r} is an argument, not a config key: put arguments before the KEY VALUE overrides")
+        raise ConfigError(
+            f"{flags[0]!r} is an argument, not a config key: put arguments before the KEY VALUE overrides"
+        )
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
     cfg = add_largebatch_config(get_cfg())

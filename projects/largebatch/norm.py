@@ -38,9 +38,8 @@ import numbers
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from torch import nn
 
 __all__ = [
     "GroupSyncBatchNorm",

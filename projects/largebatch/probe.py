@@ -176,7 +176,8 @@ class HalfGroupReducer:
         if self.world_size < 2:
             raise ValueError("HalfGroupReducer needs at least 2 workers; on one worker split the batch instead")
         self.split = self.world_size // 2  # ranks [0, split) and [split, W)
-        self.halves = [dist.new_group(list(range(0, self.split))), dist.new_group(list(range(self.split, self.world_size)))]
+        self.halves = [dist.new_group(list(range(0, self.split))),
+                       dist.new_group(list(range(self.split, self.world_size)))]
 
     def half_sizes(self, rank: int) -> Tuple[int, int]:
         """(size of rank's own half, size of the other half)."""

@@ -37,9 +37,8 @@ import math
 from typing import List, Optional
 
 import torch
-from fvcore.common.param_scheduler import CosineParamScheduler, ParamScheduler
-
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+from fvcore.common.param_scheduler import CosineParamScheduler, ParamScheduler
 
 from .config import validate
 

@@ -155,7 +155,8 @@ def auto_scale_workers(cfg, world_size: int, scale_lr: bool = True):
         return cfg
     scale = world_size / old
     ims = int(round(s.IMS_PER_BATCH * scale))
-    msg = f"auto-scaling from REFERENCE_WORLD_SIZE {old} to {world_size} workers: IMS_PER_BATCH {s.IMS_PER_BATCH} -> {ims}"
+    msg = (f"auto-scaling from REFERENCE_WORLD_SIZE {old} to {world_size} workers: "
+           f"IMS_PER_BATCH {s.IMS_PER_BATCH} -> {ims}")
     s.IMS_PER_BATCH = ims
     if scale_lr:
         msg += f", BASE_LR {s.BASE_LR:g} -> {s.BASE_LR * scale:g} (linear)"

@@ -48,9 +48,9 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..files import atomic_write
 from ..optim import AGVM
 from ..optim.build import OPTIMIZER_CLASSES, optimizer_name
-from ..files import atomic_write
 from ..probe import GradientMeasurement
 
 logger = logging.getLogger("largebatch")
@@ -187,7 +187,8 @@ class MonitorHook(HookBase):
         measurement = self._measurement(iteration)
         if not measurement.grads_finite:
             # only with AMP (otherwise the trainer has stopped already): GradScaler skipped this step
-            logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded", iteration)
+            logger.info("MonitorHook: iteration %d skipped by GradScaler (non-finite gradients): not recorded",
+                        iteration)
             return
         grad_norms = self._grad_norms(measurement)
         if grad_norms is None:

@@ -56,9 +56,10 @@ class LARS(TrustRatioOptimizer):
 
     ``local_lr`` is 1.0 where ``||w||`` or ``||g||`` is 0, and for a param group with ``"adapt": False``
     (biases and norm layers, usually). ``trust_clip=c`` caps ``local_lr`` at ``c`` in adapting groups
-    (the zero-norm 1.0 included; an ``adapt=False`` group always uses exactly 1.0). On the first step ``buf`` is the update itself, as in
-    ``torch.optim.SGD``. The global LR stays outside the momentum buffer (as in ``torch.optim.SGD``), so a
-    scheduler's change of ``lr`` acts at once; weight decay sits inside the trust-ratio update.
+    (the zero-norm 1.0 included; an ``adapt=False`` group always uses exactly 1.0). On the first step ``buf`` is
+    the update itself, as in ``torch.optim.SGD``. The global LR stays outside the momentum buffer (as in
+    ``torch.optim.SGD``), so a scheduler's change of ``lr`` acts at once; weight decay sits inside the
+    trust-ratio update.
 
     Args:
         params: iterable of parameters or of param-group dicts. Groups may carry any other keys
