@@ -7,8 +7,8 @@ against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the per-ten
 Rounds are interleaved (round-robin over the optimizers) after a warm-up, and the table shows medians over
 rounds of the mean step time within a round, with ratios: LARS vs torch SGD (foreach), LAMB and PMD-LAMB vs
 torch AdamW (foreach), both as the ratio of the medians and as the median of per-round ratios (the latter
-holds up better on a machine whose load drifts). Every optimizer has its own copy of the params; the gradients are shared (no optimizer
-here writes to them).
+holds up better on a machine whose load drifts). Every optimizer has its own copy of the params; the gradients
+are shared (no optimizer here writes to them).
 
     python bench/optim_step.py --device cpu --steps 5 --rounds 7
     python bench/optim_step.py --device cpu --threads 1 --clock cpu   # on a shared, loaded machine
@@ -17,17 +17,14 @@ here writes to them).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
+import harness
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
-
-from largebatch.optim.lamb import LAMB, PMDLAMB  # noqa: E402
-from largebatch.optim.lars import LARS  # noqa: E402
+from largebatch.optim.lamb import LAMB, PMDLAMB
+from largebatch.optim.lars import LARS
 
 
 def r50_fpn_shapes_hardcoded():
@@ -107,27 +104,36 @@ def split_groups(params):
     ]
 
 
+# the row each kind of optimizer is compared with
+BASELINES = {"sgd": "torch SGD foreach", "adamw": "torch AdamW foreach"}
+
+
+def _factory(cls, **kwargs):
+    """params -> ``cls`` over split_groups(params), LR 1e-3."""
+    return lambda ps: cls(split_groups(ps), lr=1e-3, **kwargs)
+
+
 def candidates(args):
     """(name, kind, factory(params) -> optimizer); kind marks the baseline each row is compared with."""
-    lr = 1e-3
+    sgd, adamw = torch.optim.SGD, torch.optim.AdamW
     c = [
-        ("torch SGD foreach", "sgd", lambda ps: torch.optim.SGD(split_groups(ps), lr=lr, momentum=0.9, weight_decay=1e-4, foreach=True)),
-        ("torch AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
-        ("torch SGD fused", "sgd", lambda ps: torch.optim.SGD(split_groups(ps), lr=lr, momentum=0.9, weight_decay=1e-4, fused=True)),
-        ("torch AdamW fused", "adamw", lambda ps: torch.optim.AdamW(split_groups(ps), lr=lr, weight_decay=1e-4, fused=True)),
-        ("LARS foreach", "sgd", lambda ps: LARS(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
-        ("LAMB foreach", "adamw", lambda ps: LAMB(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=True)),
-        ("PMD-LAMB foreach", "adamw", lambda ps: PMDLAMB(split_groups(ps), lr=lr, foreach=True)),
+        ("torch SGD foreach", "sgd", _factory(sgd, momentum=0.9, weight_decay=1e-4, foreach=True)),
+        ("torch AdamW foreach", "adamw", _factory(adamw, weight_decay=1e-4, foreach=True)),
+        ("torch SGD fused", "sgd", _factory(sgd, momentum=0.9, weight_decay=1e-4, fused=True)),
+        ("torch AdamW fused", "adamw", _factory(adamw, weight_decay=1e-4, fused=True)),
+        ("LARS foreach", "sgd", _factory(LARS, weight_decay=1e-4, foreach=True)),
+        ("LAMB foreach", "adamw", _factory(LAMB, weight_decay=1e-4, foreach=True)),
+        ("PMD-LAMB foreach", "adamw", _factory(PMDLAMB, foreach=True)),
     ]
     if not args.no_single:
         c += [
-            ("LARS per-tensor", "sgd", lambda ps: LARS(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=False)),
-            ("LAMB per-tensor", "adamw", lambda ps: LAMB(split_groups(ps), lr=lr, weight_decay=1e-4, foreach=False)),
-            ("PMD-LAMB per-tensor", "adamw", lambda ps: PMDLAMB(split_groups(ps), lr=lr, foreach=False)),
+            ("LARS per-tensor", "sgd", _factory(LARS, weight_decay=1e-4, foreach=False)),
+            ("LAMB per-tensor", "adamw", _factory(LAMB, weight_decay=1e-4, foreach=False)),
+            ("PMD-LAMB per-tensor", "adamw", _factory(PMDLAMB, foreach=False)),
         ]
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
-        c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in ("torch SGD foreach", "torch AdamW foreach")]
+        c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in BASELINES.values()]
     return c
 
 
@@ -138,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per optimizer per round")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    harness.add_threads_arg(ap)
     ap.add_argument(
         "--clock",
         default="wall",
@@ -149,10 +155,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="auto", choices=["auto", "detectron2", "hardcoded"])
     ap.add_argument("--only", default="", help="comma-separated substrings of optimizer names to run")
     ap.add_argument("--no-single", action="store_true", help="skip the per-tensor (foreach=False) rows")
+    harness.add_json_arg(ap, "every optimizer's ms/step of every round")
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.set_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -191,20 +197,23 @@ def main(argv=None):
             sync()
             r["times"].append((clock() - t0) / args.steps * 1e3)
 
-    base_name = {"sgd": "torch SGD foreach", "adamw": "torch AdamW foreach"}
     by_name = {r["name"]: r for r in runs}
-    print("| optimizer | median ms/step | min ms/step | ratio of medians | median paired ratio | vs |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    rows = []
     for r in runs:
         med = statistics.median(r["times"])
-        b = by_name.get(base_name[r["kind"]])
+        b = by_name.get(BASELINES[r["kind"]])
         if b is None:
             ratio = paired = "-"
         else:
             ratio = f"{med / statistics.median(b['times']):.2f}x"
             # per-round ratio against the baseline's time in the same round: robust to load that drifts
             paired = f"{statistics.median(t / u for t, u in zip(r['times'], b['times'])):.2f}x"
-        print(f"| {r['name']} | {med:.1f} | {min(r['times']):.1f} | {ratio} | {paired} | {base_name[r['kind']]} |")
+        rows.append([r["name"], f"{med:.1f}", f"{min(r['times']):.1f}", ratio, paired, BASELINES[r["kind"]]])
+    print(harness.markdown_table(
+        ["optimizer", "median ms/step", "min ms/step", "ratio of medians", "median paired ratio", "vs"], rows,
+        right=(1, 2, 3, 4)))
+    harness.write_json(args.json, {"device": args.device, "dtype": args.dtype, "clock": args.clock,
+                                   "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs}})
 
 
 if __name__ == "__main__":

@@ -226,8 +226,9 @@ def _lamb_worker(rank, world_size, out):
     step_grad = torch.cat([g.reshape(-1) for g in steps[0]["g"]])
     torch.testing.assert_close(step_grad, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-9)
     # Phi from each rank's gradient, Adam-normalised with v = 0 (first step) as for LAMB
-    b2 = torch.cat([torch.full((p.numel(),), g["betas"][1], dtype=torch.float64) for p, g in zip(layout.params, layout.groups)])
-    eps = torch.cat([torch.full((p.numel(),), g["eps"], dtype=torch.float64) for p, g in zip(layout.params, layout.groups)])
+    pairs = list(zip(layout.params, layout.groups))
+    b2 = torch.cat([torch.full((p.numel(),), g["betas"][1], dtype=torch.float64) for p, g in pairs])
+    eps = torch.cat([torch.full((p.numel(),), g["eps"], dtype=torch.float64) for p, g in pairs])
     normed = [g / (((1 - b2) * g * g).sqrt() + eps) for g in grads]
     history = trainer.storage.history
     phis = {}

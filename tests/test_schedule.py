@@ -2,14 +2,12 @@
 
 References are computed here from the formulas, not from the module's helpers.
 """
-import importlib.util
 import logging
 import math
 import os
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer
 
@@ -355,10 +353,9 @@ def test_epochs_need_dataset_size():
 # tools/plot_schedule.py
 # ----------------------------------------------------------------------------------------------------------------
 def load_tool():
-    spec = importlib.util.spec_from_file_location("plot_schedule", os.path.join(ROOT, "tools", "plot_schedule.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from helpers import import_script
+
+    return import_script("tools/plot_schedule.py")
 
 
 def test_plot_schedule_writes_png(tmp_path, capsys):
@@ -400,6 +397,55 @@ def test_plot_schedule_errors(tmp_path, capsys):
     assert "SOLVER.LR_SCHEDULER_NAME = 'Nope' is not allowed" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
 
+    # a COCO recipe in epochs without COCO on this machine: one line naming the flag, no PNG
+    coco = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "coco")
+    if not os.path.isfile(os.path.join(coco, "annotations/instances_train2017.json")):
+        config = os.path.join(ROOT, "configs/COCO-Detection/agvm_sgd_R_50_FPN_b256.yaml")
+        assert tool.main(["--config-file", config, "--output", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "coco_2017_train" in err and "pass --num-train-images" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
+
+
+def shipped_configs():
+    """Every YAML under configs/, relative to the repository."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
+        found += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith(".yaml")]
+    return sorted(found)
+
+
+# a hundredth of COCO train2017 (117266 images after detectron2's filtering): COCO is not here, and the same
+# schedule in epochs over 100x fewer iterations keeps each case fast
+COCO_IMAGES = "1173"
+
+
+@pytest.mark.parametrize("config", shipped_configs())
+def test_plot_schedule_every_shipped_config(config, tmp_path, capsys, monkeypatch):
+    """The README's command on every config, 2 workers: the shapes ones as they are (the embedded dataset is
+    registered and counted), the COCO ones with --num-train-images."""
+    monkeypatch.setenv("LARGEBATCH_DATASETS", os.environ.get("LARGEBATCH_DATASETS", os.path.join(ROOT, "datasets")))
+    out = tmp_path / "lr.png"
+    argv = ["--config-file", os.path.join(ROOT, config), "--num-gpus", "2", "--output", str(out)]
+    if not config.startswith(os.path.join("configs", "shapes")):
+        argv += ["--num-train-images", COCO_IMAGES]
+    code = load_tool().main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.strip() == str(out) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_schedule_counts_the_demo_dataset(tmp_path, capsys, monkeypatch, caplog):
+    # the README's example: demo.yaml is in epochs and names shapes_train, registered by the tool itself
+    monkeypatch.setenv("LARGEBATCH_DATASETS", os.environ.get("LARGEBATCH_DATASETS", os.path.join(ROOT, "datasets")))
+    out = tmp_path / "lr.png"
+    with caplog.at_level(logging.INFO, logger="largebatch"):
+        code = load_tool().main(["--config-file", os.path.join(ROOT, "configs/shapes/demo.yaml"), "--num-gpus", "2",
+                                 "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "1024 images / total batch 32 = 32 iterations per epoch" in caplog.text
+    assert "SOLVER.MAX_ITER 8 -> 256" in caplog.text
+
 
 def test_end_lr_above_base_lr_is_an_error():
     cfg = make_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", BASE_LR=0.01, BASE_LR_END=0.1)
@@ -409,6 +455,7 @@ def test_end_lr_above_base_lr_is_an_error():
 
 def _cfg_for_steps():
     from detectron2.config import get_cfg
+
     from largebatch.config import add_largebatch_config
 
     cfg = add_largebatch_config(get_cfg())

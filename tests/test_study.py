@@ -1,18 +1,21 @@
-"""bench/large_batch_study.py: the study arms resolve to the documented recipes, the report marks divergence,
-and a tiny real run (one arm, 2 iterations, 1 worker) writes a parsed table and a PNG."""
+"""The large-batch study (bench/large_batch_study.py runs it, largebatch.analysis.study reads it): the study arms
+resolve to the documented recipes, the report marks divergence, and a tiny real run of the script (one arm,
+2 iterations, 1 worker) writes a parsed table and a PNG."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+from helpers import REPO, run_python
+from largebatch.analysis import study
+from largebatch.analysis.plots import plot_study
 
-import large_batch_study as study  # noqa: E402
-
+STUDY_CONFIGS = os.path.join(REPO, "configs", "shapes", "study")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _config(arm):
+    return os.path.join(STUDY_CONFIGS, arm + ".yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -32,17 +35,20 @@ EXPECTED = {
 
 
 def test_every_study_arm_resolves_to_its_documented_recipe():
-    assert set(study.ARMS) == set(EXPECTED)
-    opts = study.arm_overrides(study.parse_args(["--epochs", "6"]))
+    assert {f[: -len(".yaml")] for f in os.listdir(STUDY_CONFIGS) if f.endswith(".yaml")} == set(EXPECTED)
+    opts = study.arm_overrides(epochs=6)
     for arm, (optimizer, batch, lr, iters) in EXPECTED.items():
-        info = study.resolve_arm(arm, opts, 2)
+        info = study.resolve_arm(arm, _config(arm), opts, 2)
         assert (info["optimizer"], info["total_batch"], info["max_iter"]) == (optimizer, batch, iters), arm
         assert info["lr"] == pytest.approx(lr), arm
 
 
-def test_unknown_arm_is_one_error():
-    with pytest.raises(SystemExit):
-        study.parse_args(["--arms", "sgd_b8,nope"])
+@pytest.mark.slow
+def test_unknown_arm_is_one_error_that_lists_the_arms():
+    result = run_python("bench/large_batch_study.py", "--arms", "sgd_b8,nope", "--report-only", timeout=60)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.endswith(f"--arms: unknown arm(s) nope; known: {', '.join(EXPECTED)}"), result.stderr
 
 
 def _fake_arm(root, arm, metrics, returncode, log):
@@ -80,7 +86,7 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
     assert "| ok | LARS | 64 | 32 | 0.08 | 30.50 | 55.25 | 1.200 | 1:15 | 2:20 | 2.1 | no |" in text
     assert "| bad | LARS | 64 | 32 | 0.0008 | 0.00 | 0.00 | 7.500 |" in text and "yes (iteration 20)" in text
     png = os.path.join(tmp_path, "study.png")
-    study.plot(rows, png)
+    plot_study(rows, png)
     with open(png, "rb") as f:
         assert f.read(8) == PNG_MAGIC
     # finished / diverged runs with the same settings are reused, an unfinished one is not
@@ -89,12 +95,11 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
     assert not study.is_done(ok, dict(info, max_iter=64), [], 2)
 
 
+@pytest.mark.slow
 def test_tiny_study_run_writes_a_parsed_table_and_a_png(tmp_path):
     out = str(tmp_path / "study")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "bench/large_batch_study.py", "--arms", "sgd_b8", "--max-iter", "2", "--num-workers", "1",
-           "--output", out, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_python("bench/large_batch_study.py", "--arms", "sgd_b8", "--max-iter", "2", "--num-workers", "1",
+                        "--output", out, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(os.path.join(out, "study.md")) as f:
         md = f.read()
@@ -107,8 +112,8 @@ def test_tiny_study_run_writes_a_parsed_table_and_a_png(tmp_path):
     with open(os.path.join(out, "study.png"), "rb") as f:
         assert f.read(8) == PNG_MAGIC
     # the run is reusable: same settings -> done
-    opts = study.arm_overrides(study.parse_args(cmd[2:]))
-    assert study.is_done(os.path.join(out, "sgd_b8"), study.resolve_arm("sgd_b8", opts, 1), opts, 1)
+    opts = study.arm_overrides(max_iter=2, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    assert study.is_done(os.path.join(out, "sgd_b8"), study.resolve_arm("sgd_b8", _config("sgd_b8"), opts, 1), opts, 1)
 
 
 def test_evaluations_missing_from_metrics_json_are_read_from_the_log():

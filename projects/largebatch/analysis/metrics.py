@@ -7,7 +7,7 @@ import os
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from ..config import DETECTOR_PARTS
+from ..optim.groups import DETECTOR_PARTS
 
 __all__ = [
     "iter_jsonl", "read_metrics_rows", "read_metrics", "read_layer_stats", "layer_values", "add_layer_series",

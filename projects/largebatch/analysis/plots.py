@@ -9,8 +9,8 @@ import os
 import re
 from typing import List, Optional, Tuple
 
-from ..config import DETECTOR_PARTS
 from ..files import save_figure
+from ..optim.groups import DETECTOR_PARTS
 from .metrics import (
     add_layer_series,
     choose_records,
