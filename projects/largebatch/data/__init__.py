@@ -12,6 +12,7 @@ import importlib
 _LAZY = {
     "register_datasets": "largebatch.data.catalog",
     "train_set_size": "largebatch.data.catalog",
+    "ResumableTrainLoader": "largebatch.data.resumable",
     "register_shapes": "largebatch.data.shapes",
     "prepare_shapes": "largebatch.data.shapes",
     "generate_shapes_split": "largebatch.data.shapes",

@@ -1,25 +1,65 @@
-"""``AtomicCheckpointer``: detectron2's checkpointer whose files never exist half-written."""
+"""``AtomicCheckpointer``: detectron2's checkpointer whose files never exist half-written, and that holds every
+worker's random-generator states, so that ``--resume`` continues a run exactly."""
 import os
+import random
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
 from ..files import atomic_write
 
-__all__ = ["AtomicCheckpointer"]
+__all__ = ["AtomicCheckpointer", "rng_state", "set_rng_state"]
+
+
+def rng_state() -> dict:
+    """This process's random generators: python, numpy, torch (CPU) and the current CUDA device's, if in use. Only
+    tensors, numbers, strings and tuples, so that ``torch.load(weights_only=True)`` reads a checkpoint holding it."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer whose files are written under a temporary name and then renamed, so a
-    crash or a stop never leaves a truncated checkpoint (or a `last_checkpoint` naming one)."""
+    """A DetectionCheckpointer whose files are written under a temporary name and then renamed, so a crash or a
+    stop never leaves a truncated checkpoint (or a `last_checkpoint` naming one).
+
+    The checkpoint also holds ``rng_states``: the random-generator states of every worker (rank order) at the
+    moment it is written, gathered from all workers. ``save`` is therefore collective when training is
+    distributed: every worker calls it (LargeBatchTrainer runs its checkpointing hook on every worker; only the
+    main process writes)."""
 
     def save(self, name: str, **kwargs) -> None:
+        states = [None] * comm.get_world_size()
+        if comm.get_world_size() > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
+        data["rng_states"] = states
         basename = f"{name}.pth"
         self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
         atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")

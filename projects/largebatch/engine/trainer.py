@@ -11,7 +11,7 @@ import os
 import weakref
 
 import torch
-from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -20,12 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..collect_env import detectron2_compiled_ops
 from ..data.catalog import train_set_size
+from ..data.resumable import ResumableTrainLoader
 from ..norm import build_sync_bn_from_cfg
 from ..optim import build_optimizer
 from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler
 from ..solver import describe_batch, prepare_solver
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, set_rng_state
 from .monitor import MonitorHook
 from .stepper import LargeBatchStepper
 
@@ -55,6 +56,7 @@ class LargeBatchTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        self.train_loader = data_loader
         model = self.wrap_model(cfg, model)
         monitor = cfg.MONITOR
         self._trainer = LargeBatchStepper(
@@ -126,18 +128,51 @@ class LargeBatchTrainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
+        if not comm.is_main_process():
+            # detectron2 checkpoints on the main process only; a checkpoint here gathers every worker's
+            # random-generator states, so every worker runs the hook (the others write nothing), where the
+            # main process runs it: before the evaluation
+            evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
+            ret.insert(evals[0] if evals else len(ret),
+                       hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         if self.cfg.MONITOR.ENABLED:
             # right after the timer: sees the LR the step used (before LRScheduler moves it on) and checks
             # for jumps before PeriodicCheckpointer could save a diverged model
             ret.insert(1, MonitorHook(self.cfg))
         return ret
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's training loader, made resumable: a resumed run continues its data stream exactly."""
+        return ResumableTrainLoader(cfg)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume_or_load, and, when it resumes from a checkpoint, the data stream placed after the
+        batches already consumed and each worker's random generators as they were when the checkpoint was
+        written: the resumed run computes what the uninterrupted one would have."""
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if not (resume and self.checkpointer.has_checkpoint()):
+            return
+        self.start_iter = checkpoint.get("iteration", -1) + 1
+        if isinstance(self.train_loader, ResumableTrainLoader):
+            self.train_loader.skip_to(self.start_iter * self.cfg.SOLVER.ACCUMULATE_STEPS)
+        states = checkpoint.get("rng_states")
+        if states is not None and len(states) == comm.get_world_size():
+            set_rng_state(states[comm.get_rank()])
+        else:
+            logger.warning("The checkpoint holds no random-generator states for %d workers: the resumed run draws "
+                           "other random numbers than the interrupted one would have", comm.get_world_size())
+
     def state_dict(self):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()  # detectron2 0.6 leaves out the optimizer
+        if isinstance(self.train_loader, ResumableTrainLoader):
+            ret["train_loader"] = self.train_loader.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        if "train_loader" in state_dict and isinstance(self.train_loader, ResumableTrainLoader):
+            self.train_loader.load_state_dict(state_dict["train_loader"])
