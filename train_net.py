@@ -42,7 +42,11 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    if args.num_machines == 1 and args.dist_url == parser.get_default("dist_url"):
+        # detectron2's default port is derived from the user id: two runs of one user would collide on it
+        args.dist_url = "auto"
     try:  # fail before any worker starts: one line, no traceback
         cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):

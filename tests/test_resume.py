@@ -102,3 +102,82 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_runs_weights(tmp_p
     assert resumed.keys() == whole.keys()
     diff = max((resumed[k].double() - whole[k].double()).abs().max().item() for k in whole)
     assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+def test_sigterm_makes_every_worker_checkpoint_and_exit_and_resume_continues(tmp_path):
+    """What SLURM / Kubernetes send before stopping a job, sent to the launcher only (it forwards it)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, script_env
+
+    common = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file", "configs/shapes/sgd.yaml",
+              "SOLVER.IMS_PER_BATCH", "4", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATASETS.TEST", "()",
+              "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, *common, "SOLVER.MAX_ITER", "500"], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    records = tmp_path / "layer_stats.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until iteration 2 is recorded
+        if records.exists() and any(json.loads(line).get("iter", -1) >= 2
+                                    for line in records.read_text().splitlines()[1:] if line.endswith("}")):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, log[-3000:]
+    assert "run the same command with --resume" in log
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    iteration = torch.load(tmp_path / last, map_location="cpu", weights_only=False)["iteration"]
+    assert 2 <= iteration < 499 and len(torch.load(tmp_path / last, weights_only=False)["rng_states"]) == 2
+    resumed = run_python("train_net.py", "--resume", *common[1:], "SOLVER.MAX_ITER", str(iteration + 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {iteration + 1}" in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    """kill -9 of train_net.py: its CPU workers do not train on as orphans."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, script_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file",
+         "configs/shapes/sgd.yaml", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "500", "DATASETS.TEST", "()",
+         "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(tmp_path)],
+        cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def children():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                        found.append(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (tmp_path / "layer_stats.jsonl").exists():
+        time.sleep(0.5)
+    workers = children()
+    assert len(workers) >= 2, workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived the launcher"

@@ -54,6 +54,18 @@ def test_collect_env_reports_versions(monkeypatch):
     assert "main (post-v0.6)" in collect_env()
 
 
+def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
+    """detectron2's default --dist-url port depends on the user only: two runs of one user would collide."""
+    monkeypatch.chdir(REPO)
+    cli_module = import_script("train_net.py")
+    urls = []
+    monkeypatch.setattr(cli_module, "launch", lambda *a, dist_url=None, **k: urls.append(dist_url))
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)  # would hide GPUs from the rest of this process
+    cli_module.cli(["--num-gpus", "2", "--config-file", CONFIG])
+    cli_module.cli(["--num-gpus", "2", "--dist-url", "tcp://127.0.0.1:12345", "--config-file", CONFIG])
+    assert urls == ["auto", "tcp://127.0.0.1:12345"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -14,9 +14,13 @@ The device of the run (the config's ``MODEL.DEVICE``), not the machine, decides 
   only visible one (one GPU per task, e.g. SLURM ``--gpus-per-task 1``); the number of workers on its machine
   is LOCAL_WORLD_SIZE, or counted from the host names of all ranks where the scheduler does not set it.
 """
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -25,6 +29,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from ..config import device_kind
+from .preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Preempted
 
 __all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "device_type", "hide_gpus", "local_cuda_device"]
 
@@ -124,12 +129,12 @@ def launch(
             f"--num-gpus {num_gpus_per_machine} is more than the {torch.cuda.device_count()} GPUs of this machine "
             "(MODEL.DEVICE cuda: one worker per GPU)"
         )
-    spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind)
+    spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind, os.getpid())
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if kind == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the workers only; restored below
     try:
-        mp.spawn(_distributed_worker, nprocs=num_gpus_per_machine, args=spawn_args, daemon=False)
+        _spawn_and_forward_signals(num_gpus_per_machine, spawn_args)
     finally:
         if kind == "cpu":
             if saved is None:
@@ -138,13 +143,53 @@ def launch(
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
+def _spawn_and_forward_signals(nprocs, spawn_args):
+    """``mp.spawn``, with SIGTERM / SIGUSR1 sent to this process forwarded to the workers (a scheduler may signal
+    the launcher only), and a worker's preemption exit passed on as this process's exit code."""
+    context = mp.start_processes(_distributed_worker, args=spawn_args, nprocs=nprocs, join=False, daemon=False,
+                                 start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code == PREEMPTED_EXIT_CODE:
+            print("Training was stopped by a stop signal after writing a checkpoint (OUTPUT_DIR/last_checkpoint): "
+                  "run the same command with --resume to continue", file=sys.stderr)
+            raise Preempted() from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _backend(kind: str) -> str:
     return "nccl" if kind == "cuda" else "gloo"
 
 
+def _die_with_the_launcher(launcher_pid: int) -> None:
+    """Linux: the worker gets SIGKILL when the launcher dies (kill -9 included) instead of training on as an
+    orphan that holds its GPU and port."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask the kernel
+        return
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
 def _distributed_worker(
-    local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, kind
+    local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, kind,
+    launcher_pid,
 ):
+    _die_with_the_launcher(launcher_pid)
     global_rank = machine_rank * num_workers_per_machine + local_rank
     if kind == "cuda":
         torch.cuda.set_device(local_rank)  # before the process group: NCCL binds to the current device

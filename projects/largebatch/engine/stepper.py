@@ -59,6 +59,14 @@ class LargeBatchStepper(SimpleTrainer):
         #: this iteration's GradientMeasurement (largebatch.probe), published before the optimizer step
         self.measurement: Optional[GradientMeasurement] = None
         self._last_phi: Optional[Dict[str, float]] = None
+        self._stop_requested = False
+        #: True on every worker from the iteration in which any worker called request_stop()
+        self.stop_agreed = False
+
+    def request_stop(self) -> None:
+        """Ask every worker to stop after the current iteration (safe in a signal handler: it only sets a flag;
+        the workers agree on it in the next iteration's all-reduce, see ``_check_finite``)."""
+        self._stop_requested = True
 
     @property
     def last_phi(self) -> Optional[Dict[str, float]]:
@@ -153,7 +161,9 @@ class LargeBatchStepper(SimpleTrainer):
         The losses are each worker's own: one small all-reduce of a (workers x losses) table, each worker
         filling its row, gives every worker every loss, so all take the same decision and raise the same
         message (a worker that raised alone would leave the others waiting in the next collective for the
-        whole timeout). The gradients are all-reduced already. One host sync for all of it.
+        whole timeout). The gradients are all-reduced already. The same table carries the workers' stop
+        requests (``request_stop``, e.g. on SIGTERM): ``stop_agreed`` is True on every worker in the iteration in
+        which any worker asked. One host sync for all of it.
 
         Returns the per-parameter gradient norms (layout order, parameters with a gradient only) and whether
         the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow, whose step it skips
@@ -162,13 +172,19 @@ class LargeBatchStepper(SimpleTrainer):
         norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
         device = norms.device if norms is not None else self.layout.params[0].device
         keys = list(loss_dict)
-        losses = torch.zeros(self.world_size, len(keys) + 1, device=device)
-        losses[comm.get_rank(), : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
+        # columns: the losses, then "gradients not finite" (NaN) and "stop requested" (1)
+        table = torch.zeros(self.world_size, len(keys) + 2, device=device)
+        rank = comm.get_rank()
+        table[rank, : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
         if norms is not None:
-            losses[comm.get_rank(), -1] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+            table[rank, -2] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+        table[rank, -1] = float(self._stop_requested)
         if self.world_size > 1:
-            torch.distributed.all_reduce(losses)  # rows of zeros elsewhere: every value arrives exactly
-        finite = torch.isfinite(losses).cpu()  # the host sync
+            torch.distributed.all_reduce(table)  # rows of zeros elsewhere: every value arrives exactly
+        table = table.cpu()  # the host sync
+        self.stop_agreed = bool(table[:, -1].any())
+        losses = table[:, :-1]
+        finite = torch.isfinite(losses)
         grads_finite = bool(finite[:, -1].all())
         if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
             return norms if norms is not None else torch.zeros(0, device=device), grads_finite
@@ -183,7 +199,7 @@ class LargeBatchStepper(SimpleTrainer):
         with torch.no_grad():
             weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.layout.params])).float()
         bad_weights = non_finite(self.layout.params, weight_norms)
-        values = losses[:, :-1].cpu()
+        values = losses[:, :-1]
         bad_losses = [
             f"{'' if self.world_size == 1 else f'rank {rank}: '}"
             + ", ".join(f"{k}={values[rank, i].item():g}" for i, k in enumerate(keys) if not finite[rank, i])

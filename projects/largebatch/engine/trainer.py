@@ -28,6 +28,7 @@ from ..schedule import build_lr_scheduler
 from ..solver import describe_batch, prepare_solver
 from .checkpoint import AtomicCheckpointer, set_rng_state
 from .monitor import MonitorHook
+from .preemption import PreemptionHook
 from .stepper import LargeBatchStepper
 
 __all__ = ["LargeBatchTrainer", "LargeBatchStepper"]
@@ -135,6 +136,7 @@ class LargeBatchTrainer(DefaultTrainer):
             evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
             ret.insert(evals[0] if evals else len(ret),
                        hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        ret.append(PreemptionHook())  # last: SIGTERM / SIGUSR1 -> checkpoint and exit, after the others' after_step
         if self.cfg.MONITOR.ENABLED:
             # right after the timer: sees the LR the step used (before LRScheduler moves it on) and checks
             # for jumps before PeriodicCheckpointer could save a diverged model
