@@ -181,3 +181,25 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
                  open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
         time.sleep(0.2)
     assert not alive, f"workers {alive} outlived the launcher"
+
+
+def test_resume_applies_a_lowered_base_lr_and_says_so(tmp_path, caplog):
+    """--resume with a lowered SOLVER.BASE_LR (to recover from a divergence): the config's LR, not the checkpoint's."""
+    from helpers import make_config
+    from largebatch import LargeBatchTrainer
+
+    torch.set_num_threads(1)
+    opts = ["SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 0, "SOLVER.STEPS", "()",
+            "DATASETS.TEST", "()", "MONITOR.ENABLED", False, "OUTPUT_DIR", str(tmp_path)]
+    first = LargeBatchTrainer(make_config(*opts, "SOLVER.BASE_LR", 0.02, register=True))
+    first.resume_or_load(resume=False)
+    first.train()
+    before = [g["lr"] for g in first.stepper.optimizer.param_groups]
+    resumed = LargeBatchTrainer(make_config(*opts[2:], "SOLVER.MAX_ITER", 4, "SOLVER.BASE_LR", 0.01, register=True))
+    with caplog.at_level("WARNING", logger="largebatch"):
+        resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    groups = resumed.stepper.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([lr / 2 for lr in before], rel=1e-12)
+    assert resumed.scheduler.base_lrs == pytest.approx([g["initial_lr"] for g in groups], rel=1e-12)
+    assert any("initial_lr 0.02 -> 0.01" in r.message for r in caplog.records), caplog.text

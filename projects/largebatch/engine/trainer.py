@@ -152,9 +152,11 @@ class LargeBatchTrainer(DefaultTrainer):
         """detectron2's resume_or_load, and, when it resumes from a checkpoint, the data stream placed after the
         batches already consumed and each worker's random generators as they were when the checkpoint was
         written: the resumed run computes what the uninterrupted one would have."""
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.stepper.optimizer.param_groups]
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if not (resume and self.checkpointer.has_checkpoint()):
             return
+        self._apply_configured_hyperparameters(configured)
         self.start_iter = checkpoint.get("iteration", -1) + 1
         if isinstance(self.train_loader, ResumableTrainLoader):
             self.train_loader.skip_to(self.start_iter * self.cfg.SOLVER.ACCUMULATE_STEPS)
@@ -164,6 +166,28 @@ class LargeBatchTrainer(DefaultTrainer):
         else:
             logger.warning("The checkpoint holds no random-generator states for %d workers: the resumed run draws "
                            "other random numbers than the interrupted one would have", comm.get_world_size())
+
+    def _apply_configured_hyperparameters(self, configured):
+        """A resumed optimizer takes its param groups' hyper-parameters from the checkpoint; the config's win here
+        (a lowered SOLVER.BASE_LR to recover from a divergence, another WEIGHT_DECAY, ...), said in one log line.
+        The LR follows the config's base LR from the iteration reached on (the scheduler's base LRs too);
+        counters (a group's ``step``) stay the checkpoint's."""
+        changes = {}
+        for index, (group, wanted) in enumerate(zip(self.stepper.optimizer.param_groups, configured)):
+            for key, value in wanted.items():
+                have = group.get(key)
+                same = (tuple(have) == tuple(value)) if isinstance(value, (list, tuple)) else have == value
+                if key in ("lr", "step") or key not in group or same:
+                    continue
+                changes.setdefault((key, str(have), str(value)), []).append(index)
+                if key == "initial_lr":  # the scheduler's base LR: the current LR moves by the same factor
+                    group["lr"] = group["lr"] * value / have if have else value
+                    self.scheduler.base_lrs[index] = value
+                group[key] = value
+        if changes:
+            logger.warning("Resuming with the config's values where they differ from the checkpoint's: %s", "; ".join(
+                f"{key} {old} -> {new} (param groups {', '.join(map(str, groups))})"
+                for (key, old, new), groups in changes.items()))
 
     def state_dict(self):
         ret = super().state_dict()
