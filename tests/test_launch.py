@@ -4,6 +4,7 @@ A machine whose torch reports a GPU is faked by ``fake_gpu_machine.py`` (it rais
 CUDA code paths themselves run in ``test_cuda.py`` on a GPU (tools/gpu_check.sh)."""
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -107,3 +108,16 @@ def test_ddp_gets_the_current_gpu_not_the_local_rank(monkeypatch):
     cfg.MODEL.DEVICE = "cpu"
     trainer_module.LargeBatchTrainer.wrap_model(cfg, torch.nn.Linear(1, 1))
     assert seen["device_ids"] is None
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_passes_here(tmp_path):
+    """tools/gpu_check.sh --dry-run: what needs no GPU runs (environment, collecting the cuda tests, the commands'
+    syntax); the GPU steps are listed as SKIP."""
+    import sys
+
+    result = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path), "--dry-run"], cwd=REPO,
+                            env=script_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    table = (tmp_path / "summary.txt").read_text()
+    assert "a_env        PASS" in table and "b_pytest     SKIP" in table and "tests collected" in table, table

@@ -108,7 +108,7 @@ def test_deterministic(tmp_path):
     a = prepare_shapes(tmp_path / "a", num_train=24, num_val=8)
     b = prepare_shapes(tmp_path / "b", num_train=24, num_val=8)
     ta, tb = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
-    assert ta.keys() == tb.keys() and len(ta) == 24 + 8 + 2
+    assert ta.keys() == tb.keys() and len(ta) == 24 + 8 + 2 + 2  # images, jsons, each split's owner file
     assert all(ta[k] == tb[k] for k in ta)
     assert a["shapes_val"]["json_file"] != b["shapes_val"]["json_file"]
     # per-image seeding: a longer split starts with the same images; another seed gives other images

@@ -80,6 +80,8 @@ def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
         (["--num-gpus", "3", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"],
          "SOLVER.IMS_PER_BATCH = 4 is not allowed on 3 workers: expected a multiple of the number of workers"),
         (["--config-file", CONFIG, "MODEL.DEVICE", "tpu"], "MODEL.DEVICE = 'tpu' is not allowed: expected cuda"),
+        (["--config-file", CONFIG, "DATASETS.TEST", "('shapes_vall',)"],
+         "DATASETS.TEST = ('shapes_vall',) is not allowed: 'shapes_vall' is not a registered dataset"),
     ],
 )
 def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):
@@ -214,3 +216,20 @@ def test_torchrun_workers_join_its_process_group(tmp_path, free_port):
     with open(tmp_path / "log.txt.rank1") as f:
         assert "Rank of current process: 1. World size: 2" in f.read()
     assert os.path.exists(tmp_path / "model_final.pth")
+
+
+def test_a_shapes_root_holding_the_users_files_is_refused_and_left_alone(tmp_path, capsys, monkeypatch):
+    """DATASETS.SHAPES_ROOT pointed at a folder with the user's own COCO data: refused, nothing deleted."""
+    monkeypatch.chdir(REPO)
+    users = tmp_path / "train"
+    (users / "images").mkdir(parents=True)
+    (users / "instances_train.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    (users / "images" / "0001.jpg").write_bytes(b"not ours")
+    cli_module = import_script("train_net.py")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(["--config-file", CONFIG, "DATASETS.SHAPES_ROOT", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was not written by largebatch's shapes generator" in err, err
+    assert (users / "images" / "0001.jpg").read_bytes() == b"not ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]

@@ -249,6 +249,8 @@ def _write_split(out_dir, split, num_images, image_size, seed):
     """Write images then the json (last) of one split into ``out_dir`` (an empty directory)."""
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir)
+    with open(os.path.join(out_dir, _OWNER_FILE), "w") as f:  # says "ours" even if the json gets damaged
+        json.dump(_marker(split, num_images, image_size, seed), f)
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], i])
@@ -306,6 +308,39 @@ def _is_valid_split(split_dir, split, marker):
         return all(im["file_name"] in present for im in coco["images"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+class ShapesRootError(ValueError):
+    """The shapes folder holds files that largebatch did not write: they are left alone and nothing is generated."""
+
+
+_OWNER_FILE = ".largebatch-shapes"
+
+
+def _written_by_shapes(split_dir, split):
+    """Whether ``split_dir`` is a split this generator wrote (any version or size), so it may be replaced: it holds
+    the generator's owner file, or (splits written before that file existed) its json carries the marker."""
+    if os.path.isfile(os.path.join(split_dir, _OWNER_FILE)):
+        return True
+    try:
+        with open(os.path.join(split_dir, f"instances_{split}.json")) as f:
+            marker = json.load(f).get("info", {}).get("largebatch_shapes", {})
+        return marker.get("generator") == "largebatch.data.shapes"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_replaceable(split_dir, split):
+    """Refuse to replace a folder that this generator did not write (an empty one is fine)."""
+    if not os.path.lexists(split_dir):
+        return
+    if os.path.isdir(split_dir) and not os.path.islink(split_dir) and not os.listdir(split_dir):
+        return
+    if not _written_by_shapes(split_dir, split):
+        raise ShapesRootError(
+            f"{split_dir} exists and was not written by largebatch's shapes generator: it is left as it is; "
+            "point DATASETS.SHAPES_ROOT (or $LARGEBATCH_DATASETS) at a new or empty folder"
+        )
 
 
 def _pid_alive(pid):
@@ -371,6 +406,7 @@ def generate_shapes_split(
     paths = _split_paths(root, split)
     if not force and _is_valid_split(final, split, marker):
         return paths
+    _check_replaceable(final, split)  # nothing of the user's is ever moved or deleted
 
     _cleanup_orphans(root)
     tmp = os.path.join(root, _private_name("tmp", split))
@@ -387,7 +423,8 @@ def generate_shapes_split(
                     raise
             if not replace_valid and _is_valid_split(final, split, marker):
                 return paths  # another writer won (or the split was valid already): use its result
-            # ``final`` is stale / incomplete (or force): move it aside, then retry the rename
+            # ``final`` is a stale split of ours (or force): move it aside, then retry the rename
+            _check_replaceable(final, split)
             aside = os.path.join(root, _private_name("stale", split))
             try:
                 os.rename(final, aside)
