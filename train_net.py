@@ -23,6 +23,7 @@ from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError, load_config
+from largebatch.data import register_datasets
 from largebatch.engine.launch import device_type, hide_gpus
 from largebatch.engine.setup import setup
 
@@ -51,6 +52,7 @@ def cli(argv=None):
         cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
+        register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
