@@ -233,3 +233,49 @@ def test_a_shapes_root_holding_the_users_files_is_refused_and_left_alone(tmp_pat
     assert len(err.splitlines()) == 1 and "was not written by largebatch's shapes generator" in err, err
     assert (users / "images" / "0001.jpg").read_bytes() == b"not ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def _shapes_files():
+    from largebatch.data.shapes import prepare_shapes
+
+    return prepare_shapes()  # the embedded data, in COCO format: stands in for the user's own
+
+
+def test_a_users_coco_json_dataset_from_the_config_trains(tmp_path):
+    """DATASETS.COCO_JSON registers the user's COCO-format files under a new name; train_net needs no Python."""
+    from helpers import make_config
+    from largebatch import LargeBatchTrainer
+
+    files = _shapes_files()["shapes_train"]
+    cfg = make_config("DATASETS.COCO_JSON", [["my_train", files["json_file"], files["image_root"]]],
+                      "DATASETS.TRAIN", "('my_train',)", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", 1,
+                      "SOLVER.IMS_PER_BATCH", 2, "MONITOR.ENABLED", False, "OUTPUT_DIR", str(tmp_path),
+                      register=True)
+    trainer = LargeBatchTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer.iter == 1 and os.path.exists(tmp_path / "model_final.pth")
+
+
+@pytest.mark.parametrize("entry, opts, message", [
+    (["my_x", "/nope/train.json", "{images}"], (), "'/nope/train.json' is not a file"),
+    (["my_x", "{json}", "/nope/images"], (), "'/nope/images' is not a folder"),
+    (["my_x", "{broken}", "{images}"], (), "is not a COCO json (JSONDecodeError"),
+    (["my_x", "{json}", "{images}"], ("MODEL.ROI_HEADS.NUM_CLASSES", "2"),
+     "MODEL.ROI_HEADS.NUM_CLASSES = 2 is not allowed: 'my_x' (DATASETS.COCO_JSON) has 3 categories"),
+    (["coco_2017_train", "{json}", "{images}"], (), "'coco_2017_train' is already a registered dataset"),
+    (["my_x", "{json}"], (), "DATASETS.COCO_JSON = ['my_x',"),
+])
+def test_a_bad_coco_json_entry_fails_at_once_with_one_line(entry, opts, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    files = _shapes_files()["shapes_val"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    entry = [v.format(json=files["json_file"], images=files["image_root"], broken=broken) for v in entry]
+    cli_module = import_script("train_net.py")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(["--config-file", CONFIG, "DATASETS.COCO_JSON", repr([entry]), "DATASETS.TEST", "('my_x',)",
+                        *opts])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -177,6 +177,10 @@ def add_largebatch_config(cfg):
     # The embedded synthetic dataset (largebatch/data/shapes.py).
     # ---------------------------------------------------------------------------------------------------------
     _C.DATASETS.SHAPES_ROOT = ""  # "" = $LARGEBATCH_DATASETS/shapes, else ./datasets/shapes
+    # Your own COCO-format datasets, registered under new names for DATASETS.TRAIN / TEST: a list of
+    # [name, json_file, image_root] triples, e.g. [["my_train", "/data/train.json", "/data/train_images"]].
+    # Checked at set-up: the files exist, the json parses, its categories fit MODEL.ROI_HEADS.NUM_CLASSES.
+    _C.DATASETS.COCO_JSON = []
     return cfg
 
 
@@ -277,6 +281,9 @@ def validate(cfg, num_workers=None):
         if len(rule) != 2:
             fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
         choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
+    for entry in cfg.DATASETS.COCO_JSON:
+        if len(entry) != 3 or not all(isinstance(v, str) and v for v in entry):
+            fail("DATASETS.COCO_JSON", entry, "expected [name, json_file, image_root] triples of non-empty strings")
     if s.STEP_GAMMAS and (len(s.STEP_GAMMAS) != len(s.STEPS) or not all(g > 0 for g in s.STEP_GAMMAS)):
         fail("SOLVER.STEP_GAMMAS", tuple(s.STEP_GAMMAS),
               f"expected one number > 0 per SOLVER.STEPS entry ({len(s.STEPS)}), or empty for SOLVER.GAMMA")

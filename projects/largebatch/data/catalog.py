@@ -1,4 +1,6 @@
-"""The datasets a config names: registering the embedded ones, and counting the training images."""
+"""The datasets a config names: registering the embedded ones and the user's COCO-format ones
+(DATASETS.COCO_JSON), checking the names, and counting the training images."""
+import os
 from typing import Optional
 
 __all__ = ["register_datasets", "train_set_size"]
@@ -9,7 +11,9 @@ def register_datasets(cfg) -> None:
     anything else is refused with a ConfigError, never replaced). The COCO names are detectron2's own
     (registered when detectron2.data is imported)."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    if any(name.startswith("shapes_") for name in names):
+    from .shapes import SHAPES_SPLITS
+
+    if any(name in SHAPES_SPLITS for name in names):
         from ..config import ConfigError
         from .shapes import ShapesRootError, default_shapes_root, register_shapes
 
@@ -22,12 +26,50 @@ def register_datasets(cfg) -> None:
 
     from ..config import fail
 
+    for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
+        _register_coco_json(cfg, name, json_file, image_root)
     known = DatasetCatalog.list()
     for key in ("TRAIN", "TEST"):
         unknown = [name for name in cfg.DATASETS[key] if name not in known]
         if unknown:
             fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{unknown[0]!r} is not a registered dataset (known: "
                  f"shapes_train, shapes_val, detectron2's builtin names such as coco_2017_train)")
+
+
+def _register_coco_json(cfg, name, json_file, image_root) -> None:
+    """One DATASETS.COCO_JSON entry: checked (files, json, categories vs NUM_CLASSES), then registered with
+    detectron2's register_coco_instances. Registering the same files again under the same name is a no-op."""
+    import json
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from ..config import fail
+
+    key = "DATASETS.COCO_JSON"
+    entry = (name, json_file, image_root)
+    if name in DatasetCatalog.list():
+        if MetadataCatalog.get(name).get("json_file") == json_file:
+            return
+        fail(key, entry, f"{name!r} is already a registered dataset (detectron2's or another entry's): pick a new name")
+    if not os.path.isfile(json_file):
+        fail(key, entry, f"{json_file!r} is not a file")
+    if not os.path.isdir(image_root):
+        fail(key, entry, f"{image_root!r} is not a folder")
+    try:
+        with open(json_file) as f:
+            coco = json.load(f)
+        categories = len(coco["categories"])
+        images = len(coco["images"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(key, entry, f"{json_file!r} is not a COCO json ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not images:
+        fail(key, entry, f"{json_file!r} lists no images")
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if categories > num_classes:
+        fail("MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
+             f"{name!r} (DATASETS.COCO_JSON) has {categories} categories: expected >= {categories}")
+    register_coco_instances(name, {}, json_file, image_root)
 
 
 def train_set_size(cfg) -> Optional[int]:
