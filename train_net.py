@@ -11,6 +11,7 @@ worker processes over gloo, with the GPUs hidden from them.
 import os
 import sys
 import warnings
+from datetime import timedelta
 
 # detectron2 0.6 calls torch.jit.script and Image.LINEAR at import: noise for every user, not their concern
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
@@ -24,7 +25,7 @@ from detectron2.utils import comm
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError, load_config
 from largebatch.data import register_datasets
-from largebatch.engine.launch import device_type, hide_gpus
+from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus
 from largebatch.engine.setup import setup
 
 
@@ -42,13 +43,36 @@ def main(args):
     return trainer.train()
 
 
-def cli(argv=None):
+def argument_parser():
+    """detectron2's arguments, and how long the workers of all machines wait for each other."""
     parser = default_argument_parser()
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT.total_seconds() / 60,
+                        help="minutes the workers wait for every machine to join before they give up, naming the "
+                             "missing ones (the collectives' own timeout stays 30 min)")
+    return parser
+
+
+def check_arguments(args):
+    """The launch arguments argparse cannot check: one ConfigError line each."""
+    for name, value, rule in (("--num-gpus", args.num_gpus, args.num_gpus >= 1),
+                              ("--num-machines", args.num_machines, args.num_machines >= 1),
+                              ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0)):
+        if not rule:
+            raise ConfigError(f"{name} {value} is not allowed: expected a number >= 1" if name != "--dist-timeout"
+                              else f"{name} {value} is not allowed: expected minutes > 0")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise ConfigError(f"--machine-rank {args.machine_rank} is not allowed with --num-machines "
+                          f"{args.num_machines}: expected 0 to {args.num_machines - 1}")
+
+
+def cli(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.num_machines == 1 and args.dist_url == parser.get_default("dist_url"):
         # detectron2's default port is derived from the user id: two runs of one user would collide on it
         args.dist_url = "auto"
     try:  # fail before any worker starts: one line, no traceback
+        check_arguments(args)
         cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
@@ -67,6 +91,7 @@ def cli(argv=None):
         dist_url=args.dist_url,
         args=(args,),
         device=cfg.MODEL.DEVICE,
+        join_timeout=timedelta(minutes=args.dist_timeout),
     )
 
 

@@ -80,6 +80,10 @@ def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
         (["--num-gpus", "3", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"],
          "SOLVER.IMS_PER_BATCH = 4 is not allowed on 3 workers: expected a multiple of the number of workers"),
         (["--config-file", CONFIG, "MODEL.DEVICE", "tpu"], "MODEL.DEVICE = 'tpu' is not allowed: expected cuda"),
+        (["--num-gpus", "0", "--config-file", CONFIG], "--num-gpus 0 is not allowed: expected a number >= 1"),
+        (["--machine-rank", "2", "--num-machines", "2", "--config-file", CONFIG],
+         "--machine-rank 2 is not allowed with --num-machines 2: expected 0 to 1"),
+        (["--dist-timeout", "0", "--config-file", CONFIG], "--dist-timeout 0.0 is not allowed: expected minutes > 0"),
         (["--config-file", CONFIG, "DATASETS.TEST", "('shapes_vall',)"],
          "DATASETS.TEST = ('shapes_vall',) is not allowed: 'shapes_vall' is not a registered dataset"),
     ],
@@ -279,3 +283,19 @@ def test_a_bad_coco_json_entry_fails_at_once_with_one_line(entry, opts, message,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("machine_rank, message", [
+    (0, "rank(s) [1] (machine(s) [1] of --num-machines 2) did not join"),
+    (1, "rank 1 could not reach machine 0 at 127.0.0.1:"),
+])
+def test_a_machine_that_never_joins_is_named_and_the_wait_ends(machine_rank, message, free_port):
+    """Two machines, one started: it gives up after --dist-timeout with one line naming what is missing."""
+    result = run_python("train_net.py", "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(machine_rank),
+                        "--dist-url", f"tcp://127.0.0.1:{free_port}", "--dist-timeout", "0.2",
+                        "--config-file", CONFIG, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -21,6 +21,8 @@ import os
 import signal
 import socket
 import sys
+import time
+import urllib.parse
 from datetime import timedelta
 
 import torch
@@ -33,7 +35,10 @@ from .preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Preempted
 
 __all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "device_type", "hide_gpus", "local_cuda_device"]
 
-DEFAULT_TIMEOUT = timedelta(minutes=30)
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # of a collective (NCCL's watchdog)
+DEFAULT_JOIN_TIMEOUT = timedelta(minutes=10)  # for every worker of every machine to join (train_net --dist-timeout)
+#: a worker that could not join (another machine missing or unreachable): it said why in one line
+JOIN_FAILED_EXIT_CODE = 2
 logger = logging.getLogger("largebatch")
 
 
@@ -103,12 +108,15 @@ def launch(
     args=(),
     timeout=DEFAULT_TIMEOUT,
     device=None,
+    join_timeout=DEFAULT_JOIN_TIMEOUT,
 ):
     """Run ``main_func(*args)`` on every worker of a (possibly multi-machine) job.
 
     Same signature as ``detectron2.engine.launch``, plus ``device``: the config's MODEL.DEVICE, which decides
     the backend (cuda: NCCL, one process per GPU; cpu: gloo CPU workers, GPUs hidden); None keeps detectron2's
     rule (cuda where torch sees a GPU). ``num_gpus_per_machine`` is the number of worker processes per machine.
+    ``join_timeout``: how long the workers wait for each other at a tcp:// ``dist_url`` (the missing ranks and
+    machines are named while waiting and when giving up); ``timeout`` is the collectives' own.
     """
     kind = device_type(device)
     if launched_by_torchrun():
@@ -129,7 +137,8 @@ def launch(
             f"--num-gpus {num_gpus_per_machine} is more than the {torch.cuda.device_count()} GPUs of this machine "
             "(MODEL.DEVICE cuda: one worker per GPU)"
         )
-    spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind, os.getpid())
+    spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind, os.getpid(),
+                  join_timeout)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if kind == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the workers only; restored below
@@ -159,6 +168,8 @@ def _spawn_and_forward_signals(nprocs, spawn_args):
         while not context.join():
             pass
     except mp.ProcessExitedException as e:
+        if e.exit_code == JOIN_FAILED_EXIT_CODE:  # the worker said why
+            raise SystemExit(JOIN_FAILED_EXIT_CODE) from None
         if e.exit_code == PREEMPTED_EXIT_CODE:
             print("Training was stopped by a stop signal after writing a checkpoint (OUTPUT_DIR/last_checkpoint): "
                   "run the same command with --resume to continue", file=sys.stderr)
@@ -187,21 +198,64 @@ def _die_with_the_launcher(launcher_pid: int) -> None:
 
 def _distributed_worker(
     local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, kind,
-    launcher_pid,
+    launcher_pid, join_timeout,
 ):
     _die_with_the_launcher(launcher_pid)
     global_rank = machine_rank * num_workers_per_machine + local_rank
     if kind == "cuda":
         torch.cuda.set_device(local_rank)  # before the process group: NCCL binds to the current device
-    try:
+    if dist_url.startswith("tcp://"):
+        try:
+            store = _rendezvous(dist_url, world_size, global_rank, num_workers_per_machine, join_timeout)
+        except JoinError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(JOIN_FAILED_EXIT_CODE)
+        dist.init_process_group(backend=_backend(kind), store=store, world_size=world_size, rank=global_rank,
+                                timeout=timeout)
+    else:
         dist.init_process_group(
             backend=_backend(kind), init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
         )
-    except Exception:
-        logger.error(f"Process group URL: {dist_url}")
-        raise
     _setup_worker(num_workers_per_machine, kind)
     main_func(*args)
+
+
+class JoinError(RuntimeError):
+    """The workers did not all join: the message names who is missing and what to do."""
+
+
+def _rendezvous(dist_url, world_size, rank, workers_per_machine, join_timeout):
+    """The TCPStore at ``tcp://HOST:PORT`` (hosted by rank 0) with every rank checked in: while ranks are missing,
+    rank 0 says which (and their machines) every 30 s; after ``join_timeout`` every waiting rank gives up with a
+    JoinError naming them, and a rank that cannot reach the store says so."""
+    parsed = urllib.parse.urlparse(dist_url)
+    minutes = f"{join_timeout.total_seconds() / 60:g} min"
+    try:
+        store = dist.TCPStore(parsed.hostname, parsed.port, world_size, is_master=(rank == 0), timeout=join_timeout,
+                              wait_for_workers=False)
+    except (RuntimeError, OSError) as e:  # torch's DistStoreError is a RuntimeError
+        where = "open" if rank == 0 else "reach machine 0 at"
+        raise JoinError(
+            f"rank {rank} could not {where} {parsed.hostname}:{parsed.port} within {minutes} ({str(e).splitlines()[0]}"
+            "): start machine 0 (--machine-rank 0) with the same --dist-url, use a free port, or raise --dist-timeout"
+        ) from None
+    store.set(f"largebatch/joined/{rank}", socket.gethostname())
+    keys = [f"largebatch/joined/{r}" for r in range(world_size)]
+    start = last_said = time.monotonic()
+    while True:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        if not missing:
+            return store
+        waited = time.monotonic() - start
+        machines = sorted({r // workers_per_machine for r in missing})
+        who = f"rank(s) {missing} (machine(s) {machines} of --num-machines {world_size // workers_per_machine})"
+        if waited > join_timeout.total_seconds():
+            raise JoinError(f"{who} did not join {dist_url} within {minutes}: start them with their --machine-rank "
+                            "and the same --dist-url, or raise --dist-timeout")
+        if rank == 0 and time.monotonic() - last_said >= 30:
+            print(f"waiting for {who} to join {dist_url}: {waited:.0f} s of {minutes}", file=sys.stderr, flush=True)
+            last_said = time.monotonic()
+        time.sleep(0.5)
 
 
 def _join_torchrun_group(main_func, args, timeout, kind):
