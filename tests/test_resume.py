@@ -203,3 +203,14 @@ def test_resume_applies_a_lowered_base_lr_and_says_so(tmp_path, caplog):
     assert [g["lr"] for g in groups] == pytest.approx([lr / 2 for lr in before], rel=1e-12)
     assert resumed.scheduler.base_lrs == pytest.approx([g["initial_lr"] for g in groups], rel=1e-12)
     assert any("initial_lr 0.02 -> 0.01" in r.message for r in caplog.records), caplog.text
+
+
+def test_interrupted_checkpoint_writes_are_cleaned_up_when_a_run_starts(tmp_path):
+    from largebatch.engine.checkpoint import AtomicCheckpointer
+
+    left = [tmp_path / ".model_0000003.pth.k2j3h4.tmp", tmp_path / ".last_checkpoint.x7y8.tmp"]
+    kept = [tmp_path / "model_0000003.pth", tmp_path / ".hidden_user_file.tmp", tmp_path / "notes.tmp"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    AtomicCheckpointer(torch.nn.Linear(1, 1), str(tmp_path))
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

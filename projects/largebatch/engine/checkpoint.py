@@ -47,6 +47,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
     distributed: every worker calls it (LargeBatchTrainer runs its checkpointing hook on every worker; only the
     main process writes)."""
 
+    def __init__(self, model, save_dir="", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        if self.save_to_disk and save_dir and os.path.isdir(save_dir):
+            self._remove_interrupted_writes()
+
+    def _remove_interrupted_writes(self) -> None:
+        """Temporary files of writes that a kill interrupted (atomic_write's ``.<name>.<random>.tmp`` beside a
+        checkpoint or last_checkpoint): removed when a run on this folder starts, before it writes anything."""
+        for name in os.listdir(self.save_dir):
+            if name.startswith((".model_", ".last_checkpoint.")) and name.endswith(".tmp"):
+                path = os.path.join(self.save_dir, name)
+                self.logger.info(f"Removing {path}: an interrupted checkpoint write")
+                os.remove(path)
+
     def save(self, name: str, **kwargs) -> None:
         states = [None] * comm.get_world_size()
         if comm.get_world_size() > 1:
