@@ -9,6 +9,7 @@ import difflib
 import logging
 import os
 
+import yaml
 from detectron2.config import CfgNode as CN
 
 from .optim.build import OPTIMIZERS
@@ -267,6 +268,15 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
     if not 0 <= s.WARMUP_FACTOR <= 1:
         fail("SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "expected a number in [0, 1]")
+    if not 0 <= s.MOMENTUM < 1:
+        fail("SOLVER.MOMENTUM", s.MOMENTUM, "expected a number in [0, 1)")
+    if not s.CHECKPOINT_PERIOD > 0:
+        fail("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, "expected a number > 0 (iterations, or epochs)")
+    if not cfg.TEST.EVAL_PERIOD >= 0:
+        fail("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "expected a number >= 0 (0: evaluate at the end only)")
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        fail("MODEL.WEIGHTS", weights, "expected an existing file, a URL, or empty (from scratch)")
     if not 0 <= s.AGVM.MOMENTUM < 1:
         fail("SOLVER.AGVM.MOMENTUM", s.AGVM.MOMENTUM, "expected a number in [0, 1)")
     lo_hi = tuple(s.AGVM.CLAMP)
@@ -337,7 +347,7 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
                           ("command line", lambda: cfg.merge_from_list(list(opts)))):
         try:
             merge()
-        except (KeyError, AssertionError, ValueError, TypeError) as e:
+        except (KeyError, AssertionError, ValueError, TypeError, yaml.YAMLError) as e:
             message = str(e.args[0] if e.args else e).splitlines()[0]
             if "Non-existent" in message:  # yacs, for files (KeyError) and for KEY VALUE lists (AssertionError)
                 raise ConfigError(_unknown_key_message(cfg, source, message.split(":")[-1].strip())) from None
