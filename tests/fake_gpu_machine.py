@@ -8,6 +8,7 @@ variable hides the GPUs); every call that would really use the GPU raises "CUDA 
 when this module is imported, so the workers that ``torch.multiprocessing.spawn`` starts (they re-import the
 main module) run on the same fake machine.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -33,7 +34,10 @@ torch.cuda.device_count = _visible_gpus
 for _name in ("set_device", "synchronize", "init", "current_device", "get_device_name", "get_device_properties",
               "get_device_capability", "mem_get_info", "memory_allocated", "max_memory_allocated"):
     setattr(torch.cuda, _name, _touched(_name))
-sys.path[:0] = [REPO, os.path.join(REPO, "projects")]
+# train_net.py by its path (the launched workers re-import this module, so they find it too, to unpickle main)
+_spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+train_net = sys.modules["train_net"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
 
 
 def report(out_dir):
@@ -50,8 +54,6 @@ def report(out_dir):
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "train_net":
-        import train_net
-
         train_net.cli(rest)
     else:
         from largebatch import launch
