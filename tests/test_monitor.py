@@ -331,3 +331,39 @@ def test_plot_metrics_writes_the_pngs(sgd_run, tmp_path, capsys):
     assert written == ["agvm_mu.png", "ap.png", "grad_var.png", "loss.png", "lr.png"]
     assert "skipped layer_trust_ratio.png" in capsys.readouterr().out
     assert plot_metrics.main([str(tmp_path / "nope")]) == 2
+
+
+def test_explosion_guard_stops_on_a_spike_of_the_loss_or_the_gradient_norm():
+    from largebatch.engine.divergence import ExplosionGuard
+
+    guard = ExplosionGuard(factor=10, window=4, min_history=3)
+    for i, (loss, grad) in enumerate([(2.0, 10.0), (1.0, 5.0), (30.0, 5.0), (1.5, 6.0)]):
+        guard.check(i, loss, grad)  # a spike within the first min_history iterations is not judged
+    guard.check(4, 9.0, 40.0)  # 6x and below 10x its median: accepted, and remembered
+    with pytest.raises(FloatingPointError, match=r"iteration 5: the gradient norm 600 is \d+x its median .* over "
+                                                 r"the last 4 iterations \(MONITOR.EXPLOSION_FACTOR = 10\)"):
+        guard.check(5, 1.0, 600.0)
+    restored = ExplosionGuard(factor=10, window=4, min_history=3)
+    restored.load_state_dict(guard.state_dict())
+    assert list(restored.history) == list(guard.history)
+    with pytest.raises(FloatingPointError, match="the total loss 1000 is 190x its median 5.25"):
+        restored.check(5, 1000.0, 6.0)
+    ExplosionGuard(factor=0).check(0, float("inf"), float("inf"))  # 0 disables it
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_while_its_weights_are_still_healthy(tmp_path):
+    """BASE_LR 0.3 on the shapes data: the guard stops it at iteration 9 or 10, with every weight below 1.5 in
+    absolute value (1.0 at the start; without the guard, max |w| is 1879 and the loss 1.5e4 at iteration 11, and the
+    values are non-finite at 12)."""
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path, "SOLVER.BASE_LR", 0.3, "SOLVER.WARMUP_ITERS", 50, "MONITOR.DIVERGENCE_FACTOR", 0.0,
+                  max_iter=25, ims=16)
+    trainer = _trainer(cfg)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    assert "its median" in str(info.value) and "MONITOR.EXPLOSION_FACTOR = 10" in str(info.value)
+    stopped = int(str(info.value).split("iteration ")[1].split(":")[0])
+    assert stopped <= 10, str(info.value)
+    weights = [p.detach().abs().max().item() for p in trainer.stepper.layout.params]
+    assert max(weights) < 1.5

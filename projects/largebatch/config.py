@@ -173,6 +173,12 @@ def add_largebatch_config(cfg):
     # Stop when a part's gradient norm or trust ratio grows more than this factor between two records
     # (0 disables the jump check; non-finite losses and gradients always stop training).
     _C.MONITOR.DIVERGENCE_FACTOR = 1e4
+    # Stop, every iteration and before the step, when the total loss or the global gradient norm exceeds this many
+    # times its median over the previous EXPLOSION_WINDOW iterations: a divergence caught while the weights are
+    # still healthy (measured: healthy runs stay below 2.5x; see largebatch/engine/divergence.py). 0 disables.
+    # Works whether MONITOR.ENABLED or not.
+    _C.MONITOR.EXPLOSION_FACTOR = 10.0
+    _C.MONITOR.EXPLOSION_WINDOW = 20
 
     # ---------------------------------------------------------------------------------------------------------
     # The embedded synthetic dataset (largebatch/data/shapes.py).
@@ -233,6 +239,7 @@ def validate(cfg, num_workers=None):
         "SOLVER.AGVM.INTERVAL": s.AGVM.INTERVAL,
         "SOLVER.RESTARTS.CYCLE_ITERS": s.RESTARTS.CYCLE_ITERS,
         "MONITOR.PERIOD": cfg.MONITOR.PERIOD,
+        "MONITOR.EXPLOSION_WINDOW": cfg.MONITOR.EXPLOSION_WINDOW,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -253,6 +260,7 @@ def validate(cfg, num_workers=None):
         "SOLVER.RECIPE_IMS_PER_WORKER": s.RECIPE_IMS_PER_WORKER,
         "MODEL.SYNC_BN.GROUP_SIZE": cfg.MODEL.SYNC_BN.GROUP_SIZE,
         "MONITOR.DIVERGENCE_FACTOR": cfg.MONITOR.DIVERGENCE_FACTOR,
+        "MONITOR.EXPLOSION_FACTOR": cfg.MONITOR.EXPLOSION_FACTOR,
     }
     for key, value in non_negative.items():
         if not value >= 0:

@@ -24,6 +24,7 @@ from ..probe import (
     cosine_variance,
     second_moment_state,
 )
+from .divergence import ExplosionGuard
 
 __all__ = ["LargeBatchStepper"]
 
@@ -39,11 +40,13 @@ class LargeBatchStepper(SimpleTrainer):
         amp: torch.autocast (float16 on CUDA, bfloat16 on CPU) + GradScaler; the gradients are unscaled
             before anything reads them (finiteness check, gradient variance, clipping, trust ratios).
         device_type: "cuda" or "cpu", for AMP.
+        explosion_guard: an ``ExplosionGuard`` checked every iteration (none by default).
     """
 
     def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False,
-                 device_type="cuda"):
+                 device_type="cuda", explosion_guard=None):
         super().__init__(model, data_loader, optimizer)
+        self.explosion_guard = explosion_guard if explosion_guard is not None else ExplosionGuard(factor=0)
         self.accumulate_steps = accumulate_steps
         self.variance_period = variance_period
         self.device_type = device_type
@@ -172,21 +175,26 @@ class LargeBatchStepper(SimpleTrainer):
         norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
         device = norms.device if norms is not None else self.layout.params[0].device
         keys = list(loss_dict)
-        # columns: the losses, then "gradients not finite" (NaN) and "stop requested" (1)
-        table = torch.zeros(self.world_size, len(keys) + 2, device=device)
+        # columns: the losses, "gradients not finite" (NaN), the global gradient norm (the same on every worker:
+        # this worker's row only), "stop requested" (1)
+        table = torch.zeros(self.world_size, len(keys) + 3, device=device)
         rank = comm.get_rank()
         table[rank, : len(keys)] = torch.stack([loss_dict[k].detach().float().sum() for k in keys])
         if norms is not None:
-            table[rank, -2] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+            table[rank, -3] = torch.where(torch.isfinite(norms).all(), 0.0, float("nan"))
+            table[rank, -2] = norms.double().square().sum().sqrt()
         table[rank, -1] = float(self._stop_requested)
         if self.world_size > 1:
             torch.distributed.all_reduce(table)  # rows of zeros elsewhere: every value arrives exactly
         table = table.cpu()  # the host sync
         self.stop_agreed = bool(table[:, -1].any())
-        losses = table[:, :-1]
+        losses = table[:, :-2]  # with the "gradients not finite" column last
         finite = torch.isfinite(losses)
         grads_finite = bool(finite[:, -1].all())
         if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
+            if grads_finite:  # the same values on every worker: the same decision
+                total_loss = float(losses[:, :-1].sum(dim=1).mean())
+                self.explosion_guard.check(self.iter, total_loss, float(table[rank, -2]))
             return norms if norms is not None else torch.zeros(0, device=device), grads_finite
         part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
         parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
@@ -234,9 +242,12 @@ class LargeBatchStepper(SimpleTrainer):
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
+        ret["explosion_guard"] = self.explosion_guard.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if "explosion_guard" in state_dict:
+            self.explosion_guard.load_state_dict(state_dict["explosion_guard"])

@@ -27,6 +27,7 @@ from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler
 from ..solver import describe_batch, prepare_solver
 from .checkpoint import AtomicCheckpointer, set_rng_state
+from .divergence import ExplosionGuard
 from .monitor import MonitorHook
 from .preemption import PreemptionHook
 from .stepper import LargeBatchStepper
@@ -66,6 +67,7 @@ class LargeBatchTrainer(DefaultTrainer):
             variance_period=monitor.PERIOD if monitor.ENABLED and monitor.GRAD_VARIANCE else 0,
             amp=cfg.SOLVER.AMP.ENABLED,
             device_type="cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu",
+            explosion_guard=ExplosionGuard(monitor.EXPLOSION_FACTOR, monitor.EXPLOSION_WINDOW),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

@@ -1,0 +1,53 @@
+"""``ExplosionGuard``: stops training while a divergence is still finite, before the weights blow up.
+
+Every iteration the stepper hands it the total loss (mean over the workers) and the global gradient norm
+(identical on every worker), so every worker takes the same decision. When either exceeds ``factor`` times its
+median over the previous ``window`` iterations, training stops before the optimizer step, so nothing of the
+exploding iteration is applied or checkpointed and the last checkpoint is one written before the trouble.
+
+Measured on the embedded data (configs/shapes/sgd.yaml, one worker): over 150 healthy iterations the ratio stays
+below 1.5 (loss) and 2.4 (gradient norm); at BASE_LR 0.3 the gradient norm reaches 16x its median at iteration
+9, while the weights are still healthy (max |w| 1.03), two iterations before the loss is 1e4 and three before
+the values turn non-finite. Hence the default factor of 10.
+"""
+import statistics
+from collections import deque
+from typing import Deque, Tuple
+
+__all__ = ["ExplosionGuard"]
+
+
+class ExplosionGuard:
+    """``factor`` > 0: stop when a value passes factor x its median over the last ``window`` iterations (checked
+    from ``min_history`` iterations of history on); 0 disables the guard."""
+
+    def __init__(self, factor: float = 10.0, window: int = 20, min_history: int = 5):
+        self.factor = float(factor)
+        self.window = int(window)
+        self.min_history = min(int(min_history), self.window)
+        self.history: Deque[Tuple[float, float]] = deque(maxlen=self.window)  # (total loss, gradient norm)
+
+    def check(self, iteration: int, loss: float, grad_norm: float) -> None:
+        """Raise FloatingPointError if ``loss`` or ``grad_norm`` exploded; otherwise remember them."""
+        if self.factor <= 0:
+            return
+        if len(self.history) >= self.min_history:
+            for name, value, past in (("the total loss", loss, [h[0] for h in self.history]),
+                                      ("the gradient norm", grad_norm, [h[1] for h in self.history])):
+                median = statistics.median(past)
+                if median > 0 and value > self.factor * median:
+                    raise FloatingPointError(
+                        f"Training diverged at iteration {iteration}: {name} {value:.4g} is {value / median:.3g}x its "
+                        f"median {median:.4g} over the last {len(past)} iterations (MONITOR.EXPLOSION_FACTOR = "
+                        f"{self.factor:g}). Stopped on every worker before the optimizer step: nothing of this "
+                        "iteration was applied or checkpointed; --resume continues from the last good checkpoint "
+                        "(OUTPUT_DIR/last_checkpoint), e.g. with a lower SOLVER.BASE_LR, which a resume applies."
+                    )
+        self.history.append((float(loss), float(grad_norm)))
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(tuple(h) for h in state.get("history", []))
