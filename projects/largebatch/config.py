@@ -282,6 +282,8 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, "expected a number > 0 (iterations, or epochs)")
     if not cfg.TEST.EVAL_PERIOD >= 0:
         fail("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "expected a number >= 0 (0: evaluate at the end only)")
+    if os.path.exists(cfg.OUTPUT_DIR) and not os.path.isdir(cfg.OUTPUT_DIR):
+        fail("OUTPUT_DIR", cfg.OUTPUT_DIR, "expected a folder (or a path to create one at), not a file")
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         fail("MODEL.WEIGHTS", weights, "expected an existing file, a URL, or empty (from scratch)")

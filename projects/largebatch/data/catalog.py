@@ -28,12 +28,19 @@ def register_datasets(cfg) -> None:
 
     for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
         _register_coco_json(cfg, name, json_file, image_root)
+    from detectron2.data import MetadataCatalog
+
     known = DatasetCatalog.list()
     for key in ("TRAIN", "TEST"):
         unknown = [name for name in cfg.DATASETS[key] if name not in known]
         if unknown:
             fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{unknown[0]!r} is not a registered dataset (known: "
                  f"shapes_train, shapes_val, detectron2's builtin names such as coco_2017_train)")
+        for name in cfg.DATASETS[key]:  # classes known without reading the data (builtin and shapes metadata)
+            classes = MetadataCatalog.get(name).get("thing_classes")
+            if classes is not None and len(classes) > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+                fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                     f"{name!r} has {len(classes)} classes: expected >= {len(classes)}")
 
 
 def _register_coco_json(cfg, name, json_file, image_root) -> None:
