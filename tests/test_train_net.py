@@ -307,3 +307,19 @@ def test_a_machine_that_never_joins_is_named_and_the_wait_ends(machine_rank, mes
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_dist_url_port_in_use_is_one_line_at_once():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_python("train_net.py", "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{port}",
+                            "--config-file", CONFIG, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"rank 0 could not open 127.0.0.1:{port}" in errors[0], result.stderr[-2000:]
+    assert "address already in use" in errors[0] and "Traceback" not in result.stderr
