@@ -448,3 +448,64 @@ def test_no_detectron2_import_in_optimizers():
                 assert not any(a.name.split(".")[0] == "detectron2" for a in node.names), name
             elif isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] != "detectron2", name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# edge cases (conventions of torch.optim and timm's optimizer tests)
+@pytest.mark.parametrize("cls", [LAMB, PMDLAMB])
+def test_complex_parameters_are_refused_by_name(cls):
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [LARS, LAMB, PMDLAMB])
+def test_a_refused_param_group_is_not_added(cls):
+    opt = cls([torch.zeros(3, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("reuse_buffers", [True, False])
+def test_lamb_float16_small_eps_and_zero_gradients_stay_finite_on_the_multi_tensor_path(reuse_buffers):
+    """eps * sqrt(1 - beta2) underflows in float16 (1e-7 x 0.03): the multi-tensor path must not divide 0 by 0
+    where the gradient is exactly zero, and agrees with the per-tensor path."""
+    torch.manual_seed(0)
+    grads = [torch.randn(64, dtype=torch.float16) for _ in range(3)]
+    for g in grads:
+        g[::4] = 0.0
+    results = []
+    for foreach in (True, False):
+        params = [torch.ones(64, dtype=torch.float16, requires_grad=True) for _ in range(3)]
+        opt = LAMB(params, lr=0.01, eps=1e-7, weight_decay=0.01, foreach=foreach)
+        opt._reuse_buffers = reuse_buffers
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(torch.cat([p.detach().float() for p in params]))
+    assert all(bool(torch.isfinite(r).all()) for r in results)
+    torch.testing.assert_close(results[0], results[1], rtol=2e-3, atol=2e-3)
+
+
+def test_agvm_survives_deepcopy_and_pickle_and_runs_state_dict_hooks():
+    import pickle
+
+    from helpers import TinyDetector
+    from largebatch.optim import AGVM
+    from largebatch.optim.groups import build_param_groups
+
+    model = TinyDetector()
+    agvm = AGVM(torch.optim.SGD(build_param_groups(model, base_lr=0.1, weight_decay=0.0), lr=0.1), interval=1)
+    agvm.update({"backbone": 0.5, "rpn": 0.1, "box_head": 0.2})
+    for clone in (copy.deepcopy(agvm), pickle.loads(pickle.dumps(agvm))):
+        assert clone.mu == agvm.mu and clone.anchor == agvm.anchor and len(clone.param_groups) == len(agvm.param_groups)
+    calls = []
+    agvm.register_state_dict_pre_hook(lambda opt: calls.append("pre"))
+    agvm.register_state_dict_post_hook(lambda opt, sd: {**sd, "tag": 1})
+    agvm.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load_pre"))
+    agvm.register_load_state_dict_post_hook(lambda opt: calls.append("load_post"))
+    state = agvm.state_dict()
+    assert state["tag"] == 1 and calls == ["pre"]
+    agvm.load_state_dict(state)
+    assert calls == ["pre", "load_pre", "load_post"]

@@ -183,15 +183,41 @@ class AGVM(torch.optim.Optimizer):
         getter = getattr(self.optimizer, "last_trust_ratios", None)
         return getter() if getter is not None else None
 
+    # pickle / copy.deepcopy: the whole wrapper (torch.optim.Optimizer's own would keep only defaults, state and
+    # param_groups, which here live in the wrapped optimizer)
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def state_dict(self):
-        return {
+        """The wrapped optimizer's state dict and mu; torch's state-dict pre / post hooks run as for any optimizer."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = {
             "optimizer": self.optimizer.state_dict(),
             "agvm": {"mu": dict(self.mu), "iteration": self.iteration},
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """Restore what ``state_dict()`` saved. A plain optimizer state (a checkpoint of a run without AGVM,
-        resumed with AGVM switched on) goes to the wrapped optimizer, and mu starts at 1 (eq. 5's start)."""
+        resumed with AGVM switched on) goes to the wrapped optimizer, and mu starts at 1 (eq. 5's start). torch's
+        load-state-dict pre / post hooks run as for any optimizer."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict):
         if "agvm" not in state_dict:
             if "state" in state_dict and "param_groups" in state_dict:
                 logger.warning("AGVM: loading the state of an optimizer without AGVM; mu starts at 1.0")

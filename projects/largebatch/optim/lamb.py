@@ -55,6 +55,15 @@ class _LambBase(TrustRatioOptimizer):
     second_moment_state = "exp_avg_sq"
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        complex_ = [tuple(p.shape) for p in params if torch.is_complex(p)]
+        if complex_:
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters (shapes {complex_}): its second moment and "
+                "trust ratio are defined for real tensors; pass torch.view_as_real(p) views or real parameters"
+            )
+        param_group["params"] = params
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
 
@@ -130,7 +139,12 @@ class _LambBase(TrustRatioOptimizer):
             torch._foreach_mul_(b_v, c["v_decay"])
             torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
 
-            k = c["k"]
+            k, eps_out, unfold = c["k"], c["eps_out"], None
+            if eps_out != 0 and float(torch.tensor(eps_out, dtype=dtype)) == 0.0:
+                # the folded eps * sqrt(bc2) underflows in this dtype (float16, a small eps, early steps): a zero
+                # v would give 0 / 0. Unfold it: k m / (sqrt(v) + eps') = (k / f) m / (sqrt(v) / f + eps' / f)
+                unfold = 1.0 / c["fold"]
+                k, eps_out = k * unfold, eps_out * unfold
             if self._use_work_buffers(b_params[0].device):
                 # reuse one persistent buffer (why: TrustRatioOptimizer._reuse_buffers)
                 u = self._scratch(b_params)
@@ -138,8 +152,10 @@ class _LambBase(TrustRatioOptimizer):
                 if c["eps_in"] != 0:
                     torch._foreach_add_(u, c["eps_in"])
                 torch._foreach_sqrt_(u)
-                if c["eps_out"] != 0:
-                    torch._foreach_add_(u, c["eps_out"])
+                if unfold is not None:
+                    torch._foreach_mul_(u, unfold)
+                if eps_out != 0:
+                    torch._foreach_add_(u, eps_out)
                 # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
                 torch._foreach_div_(u, b_m)
                 torch._foreach_reciprocal_(u)
@@ -153,8 +169,10 @@ class _LambBase(TrustRatioOptimizer):
                     torch._foreach_sqrt_(denom)
                 else:
                     denom = torch._foreach_sqrt(b_v)
-                if c["eps_out"] != 0:
-                    torch._foreach_add_(denom, c["eps_out"])
+                if unfold is not None:
+                    torch._foreach_mul_(denom, unfold)
+                if eps_out != 0:
+                    torch._foreach_add_(denom, eps_out)
                 if wd != 0 and dtype != torch.float16:
                     # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
                     u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
@@ -258,6 +276,7 @@ class LAMB(_LambBase):
             k=math.sqrt(bc2) / bc1,
             eps_in=0.0,
             eps_out=group["eps"] * math.sqrt(bc2),
+            fold=math.sqrt(bc2),  # the factor folded into eps_out and k
             lr_scale=1.0,
         )
 
@@ -326,5 +345,6 @@ class PMDLAMB(_LambBase):
             k=1.0,
             eps_in=group["eps"],
             eps_out=0.0,
+            fold=1.0,
             lr_scale=group["scale"],
         )

@@ -134,9 +134,10 @@ class TrustRatioOptimizer(Optimizer):
 
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        # per-group overrides are checked with the same rules as the constructor's arguments, before the group
+        # joins param_groups (a refused group leaves the optimizer as it was)
+        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
-        # per-group overrides are checked with the same rules as the constructor's arguments
-        self._validate(self.param_groups[-1])
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
