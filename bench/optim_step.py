@@ -2,13 +2,20 @@
 """Optimizer step time on the parameter shapes of Faster R-CNN R50-FPN (189 tensors, 41.75M parameters:
 the trainable params with BN in the backbone and FREEZE_AT=0, as LargeDet trains it with SyncBN).
 
-Side by side in one process: torch SGD(momentum 0.9) and AdamW (foreach, and fused where the build has it)
-against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the per-tensor loop for reference).
-Rounds are interleaved (round-robin over the optimizers) after a warm-up, and the table shows medians over
-rounds of the mean step time within a round, with ratios: LARS vs torch SGD (foreach), LAMB and PMD-LAMB vs
-torch AdamW (foreach), both as the ratio of the medians and as the median of per-round ratios (the latter
-holds up better on a machine whose load drifts). Every optimizer has its own copy of the params; the gradients
-are shared (no optimizer here writes to them).
+Side by side in one process: torch SGD(momentum 0.9) and AdamW in each of torch's variants (for-loop, foreach,
+and fused where the build has it) against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the
+per-tensor loop for reference). Rounds are interleaved (round-robin over the optimizers) after a warm-up; the
+table shows medians over rounds of the mean step time within a round. Each row is compared with the FASTEST
+eager torch variant of its algorithm measured in this run (LARS with SGD, LAMB and PMD-LAMB with AdamW; the
+median of per-round ratios, which holds up on a machine whose load drifts) and with torch's fused kernel.
+
+The memory-traffic floor: this machine's copy bandwidth is measured once (a copy of a tensor as large as all
+parameters), and each step's floor is the bytes it must read and write over that bandwidth, one fused pass each
+(n = parameters, in the parameters' dtype): SGD(momentum) reads w, g, buf and writes w, buf: 5n; AdamW reads
+w, g, m, v and writes w, m, v: 7n; LARS needs ||w|| and ||g|| before its update: 2n more, 7n; LAMB / PMD-LAMB
+need ||w|| and ||u|| before theirs (u from the new moments): a pass reading g, m, v, w and writing m, v, then a
+pass reading m, v, w and writing w: 10n. Every optimizer has its own copy of the params; the gradients are
+shared (no optimizer here writes to them).
 
     python bench/optim_step.py --device cpu --steps 5 --rounds 7
     python bench/optim_step.py --device cpu --threads 1 --clock cpu   # on a shared, loaded machine
@@ -104,8 +111,11 @@ def split_groups(params):
     ]
 
 
-# the row each kind of optimizer is compared with
-BASELINES = {"sgd": "torch SGD foreach", "adamw": "torch AdamW foreach"}
+# the torch variants of each algorithm: the eager ones (the fastest is the baseline) and the fused one
+EAGER = {"sgd": ("torch SGD for-loop", "torch SGD foreach"), "adamw": ("torch AdamW for-loop", "torch AdamW foreach")}
+FUSED = {"sgd": "torch SGD fused", "adamw": "torch AdamW fused"}
+# tensors of n elements each step must read + write at least (see the module doc)
+TRAFFIC = {"torch SGD": 5, "torch AdamW": 7, "LARS": 7, "LAMB": 10, "PMD-LAMB": 10}
 
 
 def _factory(cls, **kwargs):
@@ -117,6 +127,8 @@ def candidates(args):
     """(name, kind, factory(params) -> optimizer); kind marks the baseline each row is compared with."""
     sgd, adamw = torch.optim.SGD, torch.optim.AdamW
     c = [
+        ("torch SGD for-loop", "sgd", _factory(sgd, momentum=0.9, weight_decay=1e-4, foreach=False)),
+        ("torch AdamW for-loop", "adamw", _factory(adamw, weight_decay=1e-4, foreach=False)),
         ("torch SGD foreach", "sgd", _factory(sgd, momentum=0.9, weight_decay=1e-4, foreach=True)),
         ("torch AdamW foreach", "adamw", _factory(adamw, weight_decay=1e-4, foreach=True)),
         ("torch SGD fused", "sgd", _factory(sgd, momentum=0.9, weight_decay=1e-4, fused=True)),
@@ -133,8 +145,31 @@ def candidates(args):
         ]
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
-        c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in BASELINES.values()]
+        torch_rows = {name for names in EAGER.values() for name in names} | set(FUSED.values())
+        c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in torch_rows]
     return c
+
+
+def copy_bandwidth(n, device, dtype, sync, repeats=7) -> float:
+    """Bytes per second of this machine's copy of an n-element tensor (read + write), the median of ``repeats``."""
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n * src.element_size() / statistics.median(times)
+
+
+def floor_ms(name, n, itemsize, bandwidth):
+    for prefix, tensors in TRAFFIC.items():
+        if name.startswith(prefix):
+            return tensors * n * itemsize / bandwidth * 1e3
+    return None
 
 
 def main(argv=None):
@@ -197,22 +232,30 @@ def main(argv=None):
             sync()
             r["times"].append((clock() - t0) / args.steps * 1e3)
 
+    bandwidth = copy_bandwidth(n_params, device, dtype, sync)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     by_name = {r["name"]: r for r in runs}
+
+    def paired(r, baseline):  # per-round ratio against the baseline's time in the same round, median over rounds
+        if baseline is None:
+            return "-"
+        return f"{statistics.median(t / u for t, u in zip(r['times'], baseline['times'])):.2f}x"
+
     rows = []
     for r in runs:
         med = statistics.median(r["times"])
-        b = by_name.get(BASELINES[r["kind"]])
-        if b is None:
-            ratio = paired = "-"
-        else:
-            ratio = f"{med / statistics.median(b['times']):.2f}x"
-            # per-round ratio against the baseline's time in the same round: robust to load that drifts
-            paired = f"{statistics.median(t / u for t, u in zip(r['times'], b['times'])):.2f}x"
-        rows.append([r["name"], f"{med:.1f}", f"{min(r['times']):.1f}", ratio, paired, BASELINES[r["kind"]]])
+        eager = [by_name[n] for n in EAGER[r["kind"]] if n in by_name]
+        fastest = min(eager, key=lambda b: statistics.median(b["times"])) if eager else None
+        floor = floor_ms(r["name"], n_params, itemsize, bandwidth)
+        rows.append([r["name"], f"{med:.1f}", f"{min(r['times']):.1f}", paired(r, fastest),
+                     fastest["name"] if fastest else "-", paired(r, by_name.get(FUSED[r["kind"]])),
+                     f"{floor:.1f}" if floor else "-", f"{med / floor:.1f}x" if floor else "-"])
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of {n_params * itemsize / 1e6:.0f} MB)\n")
     print(harness.markdown_table(
-        ["optimizer", "median ms/step", "min ms/step", "ratio of medians", "median paired ratio", "vs"], rows,
-        right=(1, 2, 3, 4)))
+        ["optimizer", "median ms/step", "min ms/step", "vs fastest eager torch", "(that is)", "vs torch fused",
+         "floor ms", "x floor"], rows, right=(1, 2, 3, 5, 6, 7)))
     harness.write_json(args.json, {"device": args.device, "dtype": args.dtype, "clock": args.clock,
+                                   "copy_bandwidth_bytes_per_s": bandwidth,
                                    "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs}})
 
 
