@@ -9,8 +9,9 @@ table shows medians over rounds of the mean step time within a round. Each row i
 eager torch variant of its algorithm measured in this run (LARS with SGD, LAMB and PMD-LAMB with AdamW; the
 median of per-round ratios, which holds up on a machine whose load drifts) and with torch's fused kernel.
 
-The memory-traffic floor: this machine's copy bandwidth is measured once (a copy of a tensor as large as all
-parameters), and each step's floor is the bytes it must read and write over that bandwidth, one fused pass each
+The memory-traffic floor: this machine's memory bandwidth is measured once (in-place elementwise updates of
+tensors as large as all parameters, see ``memory_bandwidth``), and each step's floor is the bytes it must read
+and write over that bandwidth, one fused pass each
 (n = parameters, in the parameters' dtype): SGD(momentum) reads w, g, buf and writes w, buf: 5n; AdamW reads
 w, g, m, v and writes w, m, v: 7n; LARS needs ||w|| and ||g|| before its update: 2n more, 7n; LAMB / PMD-LAMB
 need ||w|| and ||u|| before theirs (u from the new moments): a pass reading g, m, v, w and writing m, v, then a
@@ -150,19 +151,24 @@ def candidates(args):
     return c
 
 
-def copy_bandwidth(n, device, dtype, sync, repeats=7) -> float:
-    """Bytes per second of this machine's copy of an n-element tensor (read + write), the median of ``repeats``."""
-    src = torch.randn(n, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * n * src.element_size() / statistics.median(times)
+def memory_bandwidth(n, device, dtype, sync, repeats=7) -> float:
+    """Bytes per second this machine moves through memory in an in-place elementwise update of n-element tensors,
+    as an optimizer step does: the best of ``a += b`` (reads a, b, writes a) and ``a += b * c`` (reads a, b, c,
+    writes a), each the median of ``repeats`` runs. (An out-of-place copy is slower: its writes first read the
+    destination.) An estimate: a fused kernel that overlaps more streams can beat it somewhat."""
+    a, b, c = (torch.randn(n, device=device).to(dtype) for _ in range(3))
+    best = 0.0
+    for update, streams in ((lambda: a.add_(b, alpha=1e-7), 3), (lambda: a.addcmul_(b, c, value=1e-7), 4)):
+        update()  # first touch
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            update()
+            sync()
+            times.append(time.perf_counter() - t0)
+        best = max(best, streams * n * a.element_size() / statistics.median(times))
+    return best
 
 
 def floor_ms(name, n, itemsize, bandwidth):
@@ -232,7 +238,7 @@ def main(argv=None):
             sync()
             r["times"].append((clock() - t0) / args.steps * 1e3)
 
-    bandwidth = copy_bandwidth(n_params, device, dtype, sync)
+    bandwidth = memory_bandwidth(n_params, device, dtype, sync)
     itemsize = torch.empty((), dtype=dtype).element_size()
     by_name = {r["name"]: r for r in runs}
 
@@ -250,12 +256,13 @@ def main(argv=None):
         rows.append([r["name"], f"{med:.1f}", f"{min(r['times']):.1f}", paired(r, fastest),
                      fastest["name"] if fastest else "-", paired(r, by_name.get(FUSED[r["kind"]])),
                      f"{floor:.1f}" if floor else "-", f"{med / floor:.1f}x" if floor else "-"])
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of {n_params * itemsize / 1e6:.0f} MB)\n")
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (in-place updates of {n_params * itemsize / 1e6:.0f} MB "
+          "tensors)\n")
     print(harness.markdown_table(
         ["optimizer", "median ms/step", "min ms/step", "vs fastest eager torch", "(that is)", "vs torch fused",
          "floor ms", "x floor"], rows, right=(1, 2, 3, 5, 6, 7)))
     harness.write_json(args.json, {"device": args.device, "dtype": args.dtype, "clock": args.clock,
-                                   "copy_bandwidth_bytes_per_s": bandwidth,
+                                   "memory_bandwidth_bytes_per_s": bandwidth,
                                    "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs}})
 
 
