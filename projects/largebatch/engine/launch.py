@@ -240,22 +240,25 @@ def _rendezvous(dist_url, world_size, rank, workers_per_machine, join_timeout):
             "): start machine 0 (--machine-rank 0) with the same --dist-url, use a free port, or raise --dist-timeout"
         ) from None
     store.set(f"largebatch/joined/{rank}", socket.gethostname())
-    keys = [f"largebatch/joined/{r}" for r in range(world_size)]
+    store.add("largebatch/joined", 1)
     start = last_said = time.monotonic()
-    while True:
-        missing = [r for r, key in enumerate(keys) if not store.check([key])]
-        if not missing:
-            return store
+    while store.add("largebatch/joined", 0) < world_size:  # one request a second per rank, whatever the world size
         waited = time.monotonic() - start
-        machines = sorted({r // workers_per_machine for r in missing})
-        who = f"rank(s) {missing} (machine(s) {machines} of --num-machines {world_size // workers_per_machine})"
-        if waited > join_timeout.total_seconds():
-            raise JoinError(f"{who} did not join {dist_url} within {minutes}: start them with their --machine-rank "
-                            "and the same --dist-url, or raise --dist-timeout")
-        if rank == 0 and time.monotonic() - last_said >= 30:
+        late = waited > join_timeout.total_seconds()
+        if late or (rank == 0 and time.monotonic() - last_said >= 30):
+            # who is missing: one request per rank, only to say it (rank 0 every 30 s, everyone when giving up)
+            missing = [r for r in range(world_size) if not store.check([f"largebatch/joined/{r}"])]
+            if not missing:  # the last one arrived meanwhile
+                continue
+            machines = sorted({r // workers_per_machine for r in missing})
+            who = f"rank(s) {missing} (machine(s) {machines} of --num-machines {world_size // workers_per_machine})"
+            if late:
+                raise JoinError(f"{who} did not join {dist_url} within {minutes}: start them with their "
+                                "--machine-rank and the same --dist-url, or raise --dist-timeout")
             print(f"waiting for {who} to join {dist_url}: {waited:.0f} s of {minutes}", file=sys.stderr, flush=True)
             last_said = time.monotonic()
-        time.sleep(0.5)
+        time.sleep(1.0)
+    return store
 
 
 def _join_torchrun_group(main_func, args, timeout, kind):
