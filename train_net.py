@@ -65,6 +65,15 @@ def check_arguments(args):
                           f"{args.num_machines}: expected 0 to {args.num_machines - 1}")
 
 
+def check_weights_file(path):
+    """MODEL.WEIGHTS can be read (a truncated or foreign file fails here, not in every worker after start-up)."""
+    try:
+        DetectionCheckpointer(None)._load_file(path)  # the loader detectron2 itself uses: .pkl, .pyth, .pth
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
+        raise ConfigError(f"MODEL.WEIGHTS = {path!r} is not allowed: it cannot be read as a checkpoint "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
 def cli(argv=None):
     parser = argument_parser()
     args = parser.parse_args(argv)
@@ -77,6 +86,9 @@ def cli(argv=None):
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
         register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
+        resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+        if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not resuming:
+            check_weights_file(cfg.MODEL.WEIGHTS)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

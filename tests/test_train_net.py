@@ -323,3 +323,20 @@ def test_a_dist_url_port_in_use_is_one_line_at_once():
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"rank 0 could not open 127.0.0.1:{port}" in errors[0], result.stderr[-2000:]
     assert "address already in use" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_truncated_weights_file_fails_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    cli_module.cli(["--config-file", CONFIG, "MODEL.WEIGHTS", str(good)])  # a readable file passes
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(["--config-file", CONFIG, "MODEL.WEIGHTS", str(truncated)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "it cannot be read as a checkpoint" in err, err
