@@ -447,7 +447,7 @@ def test_trainer_trains_the_demo_on_one_gpu_with_amp(tmp_path):
     trainer.train()
 
     assert all(p.device.type == CUDA.type for p in trainer.model.parameters())
-    stepper = trainer._trainer
+    stepper = trainer.stepper
     assert stepper.grad_scaler is not None and math.isfinite(stepper.grad_scaler.get_scale())
     assert all(math.isfinite(m) for m in stepper.optimizer.mu.values())
     with open(tmp_path / "metrics.json") as f:
