@@ -446,7 +446,7 @@ def test_trainer_trains_the_demo_on_one_gpu_with_amp(tmp_path):
     trainer.resume_or_load(resume=False)
     trainer.train()
 
-    assert all(p.device.type == CUDA.type for p in trainer.model.parameters())
+    assert all(p.device.type == CUDA.type for p in trainer.stepper.model.parameters())
     stepper = trainer.stepper
     assert stepper.grad_scaler is not None and math.isfinite(stepper.grad_scaler.get_scale())
     assert all(math.isfinite(m) for m in stepper.optimizer.mu.values())
