@@ -277,13 +277,16 @@ def test_a_users_coco_json_dataset_from_the_config_trains(tmp_path):
      "MODEL.ROI_HEADS.NUM_CLASSES = 2 is not allowed: 'my_x' (DATASETS.COCO_JSON) has 3 categories"),
     (["coco_2017_train", "{json}", "{images}"], (), "'coco_2017_train' is already a registered dataset"),
     (["my_x", "{json}"], (), "DATASETS.COCO_JSON = ['my_x',"),
+    (["my_x", "{json}", "{empty}"], (), "128 of its 128 images are not files under"),
 ])
 def test_a_bad_coco_json_entry_fails_at_once_with_one_line(entry, opts, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     files = _shapes_files()["shapes_val"]
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
-    entry = [v.format(json=files["json_file"], images=files["image_root"], broken=broken) for v in entry]
+    (tmp_path / "empty").mkdir()
+    entry = [v.format(json=files["json_file"], images=files["image_root"], broken=broken, empty=tmp_path / "empty")
+             for v in entry]
     cli_module = import_script("train_net.py")
     with pytest.raises(SystemExit) as exit_info:
         cli_module.cli(["--config-file", CONFIG, "DATASETS.COCO_JSON", repr([entry]), "DATASETS.TEST", "('my_x',)",

@@ -72,6 +72,11 @@ def _register_coco_json(cfg, name, json_file, image_root) -> None:
         fail(key, entry, f"{json_file!r} is not a COCO json ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not images:
         fail(key, entry, f"{json_file!r} lists no images")
+    missing = [im.get("file_name") for im in coco["images"]
+               if not os.path.isfile(os.path.join(image_root, str(im.get("file_name"))))]
+    if missing:
+        fail(key, entry, f"{len(missing)} of its {images} images are not files under {image_root!r} "
+                         f"(first: {missing[0]!r})")
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if categories > num_classes:
         fail("MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
