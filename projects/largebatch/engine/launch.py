@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from datetime import timedelta
@@ -163,7 +164,8 @@ def _spawn_and_forward_signals(nprocs, spawn_args):
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if in_main_thread else {}
     try:
         while not context.join():
             pass
