@@ -54,12 +54,11 @@ def argument_parser():
 
 def check_arguments(args):
     """The launch arguments argparse cannot check: one ConfigError line each."""
-    for name, value, rule in (("--num-gpus", args.num_gpus, args.num_gpus >= 1),
-                              ("--num-machines", args.num_machines, args.num_machines >= 1),
-                              ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0)):
-        if not rule:
-            raise ConfigError(f"{name} {value} is not allowed: expected a number >= 1" if name != "--dist-timeout"
-                              else f"{name} {value} is not allowed: expected minutes > 0")
+    for name, value, ok, allowed in (("--num-gpus", args.num_gpus, args.num_gpus >= 1, "a number >= 1"),
+                                     ("--num-machines", args.num_machines, args.num_machines >= 1, "a number >= 1"),
+                                     ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "minutes > 0")):
+        if not ok:
+            raise ConfigError(f"{name} {value} is not allowed: expected {allowed}")
     if not 0 <= args.machine_rank < args.num_machines:
         raise ConfigError(f"--machine-rank {args.machine_rank} is not allowed with --num-machines "
                           f"{args.num_machines}: expected 0 to {args.num_machines - 1}")

@@ -1,7 +1,14 @@
 """The datasets a config names: registering the embedded ones and the user's COCO-format ones
 (DATASETS.COCO_JSON), checking the names, and counting the training images."""
+import json
 import os
 from typing import Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+from ..config import ConfigError, fail
+from .shapes import SHAPES_SPLITS, ShapesRootError, default_shapes_root, register_shapes
 
 __all__ = ["register_datasets", "train_set_size"]
 
@@ -11,25 +18,14 @@ def register_datasets(cfg) -> None:
     anything else is refused with a ConfigError, never replaced). The COCO names are detectron2's own
     (registered when detectron2.data is imported)."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    from .shapes import SHAPES_SPLITS
-
     if any(name in SHAPES_SPLITS for name in names):
-        from ..config import ConfigError
-        from .shapes import ShapesRootError, default_shapes_root, register_shapes
-
         try:
             register_shapes(cfg.DATASETS.SHAPES_ROOT or None)
         except ShapesRootError as e:
             root = cfg.DATASETS.SHAPES_ROOT or default_shapes_root()
             raise ConfigError(f"DATASETS.SHAPES_ROOT = {root!r} is not allowed: {e}") from None
-    from detectron2.data import DatasetCatalog
-
-    from ..config import fail
-
     for name, json_file, image_root in cfg.DATASETS.COCO_JSON:
         _register_coco_json(cfg, name, json_file, image_root)
-    from detectron2.data import MetadataCatalog
-
     known = DatasetCatalog.list()
     for key in ("TRAIN", "TEST"):
         unknown = [name for name in cfg.DATASETS[key] if name not in known]
@@ -46,13 +42,6 @@ def register_datasets(cfg) -> None:
 def _register_coco_json(cfg, name, json_file, image_root) -> None:
     """One DATASETS.COCO_JSON entry: checked (files, json, categories vs NUM_CLASSES), then registered with
     detectron2's register_coco_instances. Registering the same files again under the same name is a no-op."""
-    import json
-
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-
-    from ..config import fail
-
     key = "DATASETS.COCO_JSON"
     entry = (name, json_file, image_root)
     if name in DatasetCatalog.list():
@@ -87,8 +76,6 @@ def _register_coco_json(cfg, name, json_file, image_root) -> None:
 def train_set_size(cfg) -> Optional[int]:
     """Number of training images: the summed lengths of DATASETS.TRAIN in DatasetCatalog (before detectron2's
     filtering of images without annotations), or None when one of them is not registered."""
-    from detectron2.data import DatasetCatalog
-
     names = list(cfg.DATASETS.TRAIN)
     if not names or any(n not in DatasetCatalog.list() for n in names):
         return None

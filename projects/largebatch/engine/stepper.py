@@ -7,7 +7,7 @@ non-finite losses or gradients, and handles AMP itself, so every feature sees un
 """
 import time
 from contextlib import nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -155,7 +155,7 @@ class LargeBatchStepper(SimpleTrainer):
         self.layout.write_grads((g1 + g2) / 2)
         return g1, g2
 
-    def _check_finite(self, loss_dict) -> bool:
+    def _check_finite(self, loss_dict) -> Tuple[torch.Tensor, bool]:
         """The divergence guard, every iteration, before the step: a non-finite loss (on any worker) or
         gradient stops training on every worker at once, with one FloatingPointError naming the iteration,
         the workers and their non-finite losses, and the parts whose gradients (and weights) are not finite.
