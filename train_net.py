@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError, load_config
 from largebatch.data import register_datasets
+from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
 from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus
 from largebatch.engine.setup import setup
 
@@ -49,6 +50,9 @@ def argument_parser():
     parser.add_argument("--dist-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT.total_seconds() / 60,
                         help="minutes the workers wait for every machine to join before they give up, naming the "
                              "missing ones (the collectives' own timeout stays 30 min)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT,
+                        help="seconds without a heartbeat after which a worker (or its machine) counts as dead: "
+                             "every other worker then stops, naming it")
     return parser
 
 
@@ -56,7 +60,9 @@ def check_arguments(args):
     """The launch arguments argparse cannot check: one ConfigError line each."""
     for name, value, ok, allowed in (("--num-gpus", args.num_gpus, args.num_gpus >= 1, "a number >= 1"),
                                      ("--num-machines", args.num_machines, args.num_machines >= 1, "a number >= 1"),
-                                     ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "minutes > 0")):
+                                     ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "minutes > 0"),
+                                     ("--heartbeat-timeout", args.heartbeat_timeout, args.heartbeat_timeout >= 1,
+                                      "seconds >= 1")):
         if not ok:
             raise ConfigError(f"{name} {value} is not allowed: expected {allowed}")
     if not 0 <= args.machine_rank < args.num_machines:
@@ -103,6 +109,7 @@ def cli(argv=None):
         args=(args,),
         device=cfg.MODEL.DEVICE,
         join_timeout=timedelta(minutes=args.dist_timeout),
+        heartbeat_timeout=args.heartbeat_timeout,
     )
 
 

@@ -92,6 +92,8 @@ def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
         (["--machine-rank", "2", "--num-machines", "2", "--config-file", CONFIG],
          "--machine-rank 2 is not allowed with --num-machines 2: expected 0 to 1"),
         (["--dist-timeout", "0", "--config-file", CONFIG], "--dist-timeout 0.0 is not allowed: expected minutes > 0"),
+        (["--heartbeat-timeout", "0.5", "--config-file", CONFIG],
+         "--heartbeat-timeout 0.5 is not allowed: expected seconds >= 1"),
         (["--config-file", CONFIG, "DATASETS.TEST", "('shapes_vall',)"],
          "DATASETS.TEST = ('shapes_vall',) is not allowed: 'shapes_vall' is not a registered dataset"),
     ],

@@ -17,6 +17,7 @@ The device of the run (the config's ``MODEL.DEVICE``), not the machine, decides 
 import ctypes
 import ctypes.util
 import logging
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -32,6 +33,14 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from ..config import device_kind
+from .heartbeat import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    PEER_LOST_EXIT_CODE,
+    Heartbeat,
+    describe_rank,
+    is_communication_error,
+    post_verdict,
+)
 from .preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, Preempted
 
 __all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun", "device_type", "hide_gpus", "local_cuda_device"]
@@ -110,6 +119,7 @@ def launch(
     timeout=DEFAULT_TIMEOUT,
     device=None,
     join_timeout=DEFAULT_JOIN_TIMEOUT,
+    heartbeat_timeout=DEFAULT_HEARTBEAT_TIMEOUT,
 ):
     """Run ``main_func(*args)`` on every worker of a (possibly multi-machine) job.
 
@@ -118,6 +128,8 @@ def launch(
     rule (cuda where torch sees a GPU). ``num_gpus_per_machine`` is the number of worker processes per machine.
     ``join_timeout``: how long the workers wait for each other at a tcp:// ``dist_url`` (the missing ranks and
     machines are named while waiting and when giving up); ``timeout`` is the collectives' own.
+    ``heartbeat_timeout``: seconds after which a silent worker counts as dead and every worker stops, naming it
+    (tcp:// only; see ``heartbeat.py``).
     """
     kind = device_type(device)
     if launched_by_torchrun():
@@ -139,12 +151,15 @@ def launch(
             "(MODEL.DEVICE cuda: one worker per GPU)"
         )
     spawn_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, kind, os.getpid(),
-                  join_timeout)
+                  join_timeout, heartbeat_timeout)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if kind == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the workers only; restored below
     try:
-        _spawn_and_forward_signals(num_gpus_per_machine, spawn_args)
+        _spawn_and_forward_signals(num_gpus_per_machine, spawn_args,
+                                   lambda local_rank, message: _tell_every_worker(
+                                       dist_url, machine_rank * num_gpus_per_machine + local_rank,
+                                       num_gpus_per_machine, message))
     finally:
         if kind == "cpu":
             if saved is None:
@@ -153,9 +168,21 @@ def launch(
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def _spawn_and_forward_signals(nprocs, spawn_args):
+def _tell_every_worker(dist_url, rank, workers_per_machine, how):
+    """A worker of this machine died (``how``): say so, and tell every worker of the run through the rendezvous
+    store, so that they stop at once instead of after the heartbeat timeout (not possible if it was rank 0, whose
+    process hosts the store: the others then stop after the timeout, naming rank 0)."""
+    message = f"{describe_rank(rank, workers_per_machine)} died: {how}: stopping every worker"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist_url.startswith("tcp://"):
+        parsed = urllib.parse.urlparse(dist_url)
+        post_verdict(parsed.hostname, parsed.port, message)
+
+
+def _spawn_and_forward_signals(nprocs, spawn_args, on_death=None):
     """``mp.spawn``, with SIGTERM / SIGUSR1 sent to this process forwarded to the workers (a scheduler may signal
-    the launcher only), and a worker's preemption exit passed on as this process's exit code."""
+    the launcher only), and a worker's preemption exit passed on as this process's exit code. A worker killed by a
+    signal is reported to ``on_death(local_rank, how)`` before torch stops its siblings."""
     context = mp.start_processes(_distributed_worker, args=spawn_args, nprocs=nprocs, join=False, daemon=False,
                                  start_method="spawn")
 
@@ -166,12 +193,23 @@ def _spawn_and_forward_signals(nprocs, spawn_args):
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if in_main_thread else {}
+    killed = None
     try:
-        while not context.join():
-            pass
+        while True:
+            ended = multiprocessing.connection.wait(list(context.sentinels))  # until a worker ends
+            for sentinel in ended:
+                local_rank = context.sentinels[sentinel]
+                process = context.processes[local_rank]
+                process.join(5)  # its exit code (the sentinel is ready a moment before it)
+                if killed is None and process.exitcode is not None and process.exitcode < 0:
+                    killed = local_rank
+                    if on_death is not None:
+                        on_death(local_rank, f"killed by {signal.Signals(-process.exitcode).name}")
+            if context.join(timeout=0):
+                break
     except mp.ProcessExitedException as e:
-        if e.exit_code == JOIN_FAILED_EXIT_CODE:  # the worker said why
-            raise SystemExit(JOIN_FAILED_EXIT_CODE) from None
+        if e.exit_code in (JOIN_FAILED_EXIT_CODE, PEER_LOST_EXIT_CODE) or killed is not None:  # said why
+            raise SystemExit(e.exit_code if killed is None else PEER_LOST_EXIT_CODE) from None
         if e.exit_code == PREEMPTED_EXIT_CODE:
             print("Training was stopped by a stop signal after writing a checkpoint (OUTPUT_DIR/last_checkpoint): "
                   "run the same command with --resume to continue", file=sys.stderr)
@@ -200,26 +238,43 @@ def _die_with_the_launcher(launcher_pid: int) -> None:
 
 def _distributed_worker(
     local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout, kind,
-    launcher_pid, join_timeout,
+    launcher_pid, join_timeout, heartbeat_timeout,
 ):
     _die_with_the_launcher(launcher_pid)
     global_rank = machine_rank * num_workers_per_machine + local_rank
     if kind == "cuda":
         torch.cuda.set_device(local_rank)  # before the process group: NCCL binds to the current device
-    if dist_url.startswith("tcp://"):
-        try:
-            store = _rendezvous(dist_url, world_size, global_rank, num_workers_per_machine, join_timeout)
-        except JoinError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(JOIN_FAILED_EXIT_CODE)
-        dist.init_process_group(backend=_backend(kind), store=store, world_size=world_size, rank=global_rank,
-                                timeout=timeout)
-    else:
+    if not dist_url.startswith("tcp://"):
         dist.init_process_group(
             backend=_backend(kind), init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
         )
-    _setup_worker(num_workers_per_machine, kind)
-    main_func(*args)
+        _setup_worker(num_workers_per_machine, kind)
+        main_func(*args)
+        return
+    try:
+        store = _rendezvous(dist_url, world_size, global_rank, num_workers_per_machine, join_timeout)
+    except JoinError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(JOIN_FAILED_EXIT_CODE)
+    parsed = urllib.parse.urlparse(dist_url)
+    heartbeat = Heartbeat(store, global_rank, world_size, num_workers_per_machine, heartbeat_timeout,
+                          where=f"the rendezvous store at {parsed.hostname}:{parsed.port}").start()
+    try:
+        dist.init_process_group(backend=_backend(kind), store=store, world_size=world_size, rank=global_rank,
+                                timeout=timeout)
+        _setup_worker(num_workers_per_machine, kind)
+        main_func(*args)
+    except SystemExit:  # preempted (every worker stops alike)
+        heartbeat.finish()
+        raise
+    except BaseException as e:
+        # a collective failing here is usually the echo of a peer's death: the heartbeat names it (and ends
+        # this process) within its timeout; an error of this worker's own stops the others at once
+        if is_communication_error(e) and heartbeat.await_verdict() is not None:
+            raise
+        heartbeat.finish(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        raise
+    heartbeat.finish()
 
 
 class JoinError(RuntimeError):
