@@ -24,9 +24,9 @@ from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError, load_config
-from largebatch.data import register_datasets
+from largebatch.data import check_images, register_datasets
 from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
-from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus
+from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus, launched_by_torchrun
 from largebatch.engine.setup import setup
 
 
@@ -91,6 +91,8 @@ def cli(argv=None):
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
         register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
+        if not launched_by_torchrun() or os.environ["LOCAL_RANK"] == "0":  # once per machine
+            check_images(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))  # missing, unreadable, truncated
         resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
         if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not resuming:
             check_weights_file(cfg.MODEL.WEIGHTS)

@@ -345,3 +345,63 @@ def test_a_truncated_weights_file_fails_at_once_with_one_line(tmp_path, capsys, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "it cannot be read as a checkpoint" in err, err
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("my_garbage", lambda data: b"not an image", "not an image (UnidentifiedImageError"),
+    ("my_truncated", lambda data: data[: len(data) // 2], "truncated (no JPEG end marker)"),
+])
+def test_a_corrupt_image_fails_before_training_with_one_line(name, damage, message, tmp_path, capsys, monkeypatch):
+    """DATASETS.TEST of the user's COCO json (a copy of shapes_val) with one damaged image: said at set-up, not at
+    the final evaluation; DATASETS.CHECK_IMAGES False skips the check."""
+    import shutil
+
+    monkeypatch.chdir(REPO)
+    files = _shapes_files()["shapes_val"]
+    images = tmp_path / "images"
+    shutil.copytree(files["image_root"], images)
+    bad = images / "000005.jpg"
+    bad.write_bytes(damage(bad.read_bytes()))
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    argv = ["--config-file", CONFIG, "DATASETS.COCO_JSON", repr([[name, files["json_file"], str(images)]]),
+            "DATASETS.TEST", f"('{name}',)"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: DATASETS.TEST = ('{name}',) is not allowed: 1 of "
+                                                         f"the 128 images of '{name}' cannot be used (first: "), err
+    assert f"000005.jpg': {message}" in err, err
+    cli_module.cli(argv + ["DATASETS.CHECK_IMAGES", "False"])
+
+
+@pytest.mark.slow
+def test_missing_images_of_a_builtin_dataset_fail_before_training(tmp_path):
+    """detectron2's coco_2017_val under DETECTRON2_DATASETS (here the shapes files under COCO's names), one image
+    gone; and the same name without its annotation file."""
+    import shutil
+
+    files = _shapes_files()["shapes_val"]
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    with open(files["json_file"]) as f:
+        val = json.load(f)  # shapes' category ids 1-3 are COCO ids too
+    val["categories"] = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
+    with open(coco / "annotations" / "instances_val2017.json", "w") as f:
+        json.dump(val, f)
+    shutil.copytree(files["image_root"], coco / "val2017")
+    os.remove(coco / "val2017" / "000007.jpg")
+    argv = [os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, CONFIG),
+            "DATASETS.TEST", "('coco_2017_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", "80"]
+    for root, message in ((tmp_path, "1 of the 128 images of 'coco_2017_val' cannot be used (first: '"
+                                     f"{coco / 'val2017' / '000007.jpg'}': no such file"),
+                          (tmp_path / "nothing", "'coco_2017_val' cannot be loaded (")):
+        result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env=script_env(DETECTRON2_DATASETS=str(root)))
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = result.stderr.strip().splitlines()
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]

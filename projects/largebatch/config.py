@@ -188,6 +188,9 @@ def add_largebatch_config(cfg):
     # [name, json_file, image_root] triples, e.g. [["my_train", "/data/train.json", "/data/train_images"]].
     # Checked at set-up: the files exist, the json parses, its categories fit MODEL.ROI_HEADS.NUM_CLASSES.
     _C.DATASETS.COCO_JSON = []
+    # Before training, check every image of DATASETS.TRAIN / TEST: it exists, its header is an image's and a JPEG or
+    # PNG is not truncated (a few hundred bytes read per image; largebatch/data/catalog.py). False skips it.
+    _C.DATASETS.CHECK_IMAGES = True
     return cfg
 
 

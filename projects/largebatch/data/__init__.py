@@ -11,6 +11,7 @@ import importlib
 
 _LAZY = {
     "register_datasets": "largebatch.data.catalog",
+    "check_images": "largebatch.data.catalog",
     "train_set_size": "largebatch.data.catalog",
     "ResumableTrainLoader": "largebatch.data.resumable",
     "register_shapes": "largebatch.data.shapes",

@@ -1,16 +1,18 @@
 """The datasets a config names: registering the embedded ones and the user's COCO-format ones
-(DATASETS.COCO_JSON), checking the names, and counting the training images."""
+(DATASETS.COCO_JSON), checking the names and the image files, and counting the training images."""
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from PIL import Image
 
 from ..config import ConfigError, fail
 from .shapes import SHAPES_SPLITS, ShapesRootError, default_shapes_root, register_shapes
 
-__all__ = ["register_datasets", "train_set_size"]
+__all__ = ["check_images", "image_problem", "register_datasets", "train_set_size"]
 
 
 def register_datasets(cfg) -> None:
@@ -45,7 +47,8 @@ def _register_coco_json(cfg, name, json_file, image_root) -> None:
     key = "DATASETS.COCO_JSON"
     entry = (name, json_file, image_root)
     if name in DatasetCatalog.list():
-        if MetadataCatalog.get(name).get("json_file") == json_file:
+        metadata = MetadataCatalog.get(name)
+        if metadata.get("json_file") == json_file and metadata.get("image_root") == image_root:
             return
         fail(key, entry, f"{name!r} is already a registered dataset (detectron2's or another entry's): pick a new name")
     if not os.path.isfile(json_file):
@@ -71,6 +74,53 @@ def _register_coco_json(cfg, name, json_file, image_root) -> None:
         fail("MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
              f"{name!r} (DATASETS.COCO_JSON) has {categories} categories: expected >= {categories}")
     register_coco_instances(name, {}, json_file, image_root)
+
+
+def image_problem(path: str) -> Optional[str]:
+    """What makes ``path`` unusable as a training image, or None. Cheap (a few hundred bytes read): the header must
+    name an image format PIL reads (``Image.open`` reads nothing more), and a JPEG must hold its end marker near its
+    end, a PNG its IEND chunk: a missing file, a file that is no image and a truncated copy are caught; damage inside
+    the image data is not (that would take decoding every image)."""
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 1024))  # the end, with room for padding some writers append
+            tail = f.read()
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        return f"not an image ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    if kind == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated (no JPEG end marker)"
+    if kind == "PNG" and b"IEND" not in tail:
+        return "truncated (no PNG IEND chunk)"
+    return None
+
+
+def check_images(cfg, keys=("TRAIN", "TEST")) -> None:
+    """Every image of the datasets of DATASETS.<keys> (the embedded, COCO_JSON and detectron2's builtin ones):
+    ``image_problem`` on each, in 16 threads (the files may sit on a network file system). The first dataset with
+    a bad image is a ConfigError naming the key, how many are bad and the first. Off with DATASETS.CHECK_IMAGES False.
+
+    Its cost: reading the dataset's annotations once more (detectron2's loader; for COCO train2017, about 20 s)
+    and a few hundred bytes of every image (measured here: 1,152 shapes images in 0.1 s)."""
+    if not cfg.DATASETS.CHECK_IMAGES:
+        return
+    for key in keys:
+        for name in cfg.DATASETS[key]:
+            try:
+                files = [d["file_name"] for d in DatasetCatalog.get(name)]
+            except Exception as e:  # noqa: BLE001 - a missing or broken annotation file, whatever the loader raises
+                fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{name!r} cannot be loaded ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160] if str(e) else ''})")
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                problems = [(f, p) for f, p in zip(files, pool.map(image_problem, files)) if p is not None]
+            if problems:
+                first, why = problems[0]
+                fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{len(problems)} of the {len(files)} images of "
+                     f"{name!r} cannot be used (first: {first!r}: {why}; DATASETS.CHECK_IMAGES False skips this check)")
 
 
 def train_set_size(cfg) -> Optional[int]:
