@@ -3,11 +3,13 @@
 the trainable params with BN in the backbone and FREEZE_AT=0, as LargeDet trains it with SyncBN).
 
 Side by side in one process: torch SGD(momentum 0.9) and AdamW in each of torch's variants (for-loop, foreach,
-and fused where the build has it) against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor path, and the
-per-tensor loop for reference). Rounds are interleaved (round-robin over the optimizers) after a warm-up; the
-table shows medians over rounds of the mean step time within a round. Each row is compared with the FASTEST
-eager torch variant of its algorithm measured in this run (LARS with SGD, LAMB and PMD-LAMB with AdamW; the
-median of per-round ratios, which holds up on a machine whose load drifts) and with torch's fused kernel.
+fused where the build has it, and torch.compile'd) against largebatch's LARS, LAMB and PMD-LAMB (multi-tensor
+path, compiled with ``largebatch.optim.compile_step`` as SOLVER.COMPILE_STEP does, and the per-tensor loop for
+reference). Rounds are interleaved (round-robin over the optimizers) after a warm-up, which for a compiled row
+includes its compilation (reported as "compile s"); the table shows medians over rounds of the mean step time
+within a round. Each row is compared with the FASTEST eager torch variant of its algorithm measured in this run
+(LARS with SGD, LAMB and PMD-LAMB with AdamW; the median of per-round ratios, which holds up on a machine whose
+load drifts), with torch's fused kernel, and with the fastest torch variant of all (fused and compiled included).
 
 The memory-traffic floor: this machine's memory bandwidth is measured once (in-place elementwise updates of
 tensors as large as all parameters, see ``memory_bandwidth``), and each step's floor is the bytes it must read
@@ -19,6 +21,7 @@ pass reading m, v, w and writing w: 10n. Every optimizer has its own copy of the
 shared (no optimizer here writes to them).
 
     python bench/optim_step.py --device cpu --steps 5 --rounds 7
+    python bench/optim_step.py --no-compile                           # eager rows only (compiling takes minutes)
     python bench/optim_step.py --device cpu --threads 1 --clock cpu   # on a shared, loaded machine
     python bench/optim_step.py --device cuda --steps 50 --dtype bfloat16
 """
@@ -31,6 +34,7 @@ import time
 import harness
 import torch
 
+from largebatch.optim.compile import compile_step
 from largebatch.optim.lamb import LAMB, PMDLAMB
 from largebatch.optim.lars import LARS
 
@@ -112,15 +116,19 @@ def split_groups(params):
     ]
 
 
-# the torch variants of each algorithm: the eager ones (the fastest is the baseline) and the fused one
+# the torch variants of each algorithm: the eager ones (the fastest is the baseline), the fused one, and all
 EAGER = {"sgd": ("torch SGD for-loop", "torch SGD foreach"), "adamw": ("torch AdamW for-loop", "torch AdamW foreach")}
 FUSED = {"sgd": "torch SGD fused", "adamw": "torch AdamW fused"}
+ALL_TORCH = {kind: EAGER[kind] + (FUSED[kind], f"torch {name} compiled") for kind, name in (("sgd", "SGD"),
+                                                                                          ("adamw", "AdamW"))}
 # tensors of n elements each step must read + write at least (see the module doc)
 TRAFFIC = {"torch SGD": 5, "torch AdamW": 7, "LARS": 7, "LAMB": 10, "PMD-LAMB": 10}
 
 
-def _factory(cls, **kwargs):
-    """params -> ``cls`` over split_groups(params), LR 1e-3."""
+def _factory(cls, compiled=False, **kwargs):
+    """params -> ``cls`` over split_groups(params), LR 1e-3; ``compiled``: its step through ``compile_step``."""
+    if compiled:
+        return lambda ps: compile_step(cls(split_groups(ps), lr=1e-3, **kwargs))
     return lambda ps: cls(split_groups(ps), lr=1e-3, **kwargs)
 
 
@@ -138,6 +146,14 @@ def candidates(args):
         ("LAMB foreach", "adamw", _factory(LAMB, weight_decay=1e-4, foreach=True)),
         ("PMD-LAMB foreach", "adamw", _factory(PMDLAMB, foreach=True)),
     ]
+    if not args.no_compile:
+        c += [
+            ("torch SGD compiled", "sgd", _factory(sgd, compiled=True, momentum=0.9, weight_decay=1e-4, foreach=True)),
+            ("torch AdamW compiled", "adamw", _factory(adamw, compiled=True, weight_decay=1e-4, foreach=True)),
+            ("LARS compiled", "sgd", _factory(LARS, compiled=True, weight_decay=1e-4, foreach=True)),
+            ("LAMB compiled", "adamw", _factory(LAMB, compiled=True, weight_decay=1e-4, foreach=True)),
+            ("PMD-LAMB compiled", "adamw", _factory(PMDLAMB, compiled=True, foreach=True)),
+        ]
     if not args.no_single:
         c += [
             ("LARS per-tensor", "sgd", _factory(LARS, weight_decay=1e-4, foreach=False)),
@@ -146,7 +162,7 @@ def candidates(args):
         ]
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
-        torch_rows = {name for names in EAGER.values() for name in names} | set(FUSED.values())
+        torch_rows = {name for names in ALL_TORCH.values() for name in names}
         c = [x for x in c if any(k in x[0].lower() for k in keep) or x[0] in torch_rows]
     return c
 
@@ -196,6 +212,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="auto", choices=["auto", "detectron2", "hardcoded"])
     ap.add_argument("--only", default="", help="comma-separated substrings of optimizer names to run")
     ap.add_argument("--no-single", action="store_true", help="skip the per-tensor (foreach=False) rows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     harness.add_json_arg(ap, "every optimizer's ms/step of every round")
     args = ap.parse_args(argv)
 
@@ -221,13 +238,17 @@ def main(argv=None):
         params = make_params(shapes, grads, device, dtype, seed + 1)
         try:
             opt = factory(params)
+            t0 = time.perf_counter()
+            opt.step()  # a compiled row compiles here
+            sync()
+            first = time.perf_counter() - t0
             for _ in range(args.warmup):
                 opt.step()
             sync()
         except (RuntimeError, TypeError, ValueError) as e:  # e.g. fused not built for this device/dtype
             print(f"skip {name}: {str(e).splitlines()[0]}")
             continue
-        runs.append({"name": name, "kind": kind, "opt": opt, "times": []})
+        runs.append({"name": name, "kind": kind, "opt": opt, "times": [], "first_step_s": first})
 
     for _ in range(args.rounds):
         for r in runs:  # round-robin: every optimizer sees the same machine conditions
@@ -252,18 +273,24 @@ def main(argv=None):
         med = statistics.median(r["times"])
         eager = [by_name[n] for n in EAGER[r["kind"]] if n in by_name]
         fastest = min(eager, key=lambda b: statistics.median(b["times"])) if eager else None
+        every = [by_name[n] for n in ALL_TORCH[r["kind"]] if n in by_name]
+        fastest_any = min(every, key=lambda b: statistics.median(b["times"])) if every else None
         floor = floor_ms(r["name"], n_params, itemsize, bandwidth)
+        compile_s = r["first_step_s"] - med / 1e3 if "compiled" in r["name"] else None
         rows.append([r["name"], f"{med:.1f}", f"{min(r['times']):.1f}", paired(r, fastest),
                      fastest["name"] if fastest else "-", paired(r, by_name.get(FUSED[r["kind"]])),
-                     f"{floor:.1f}" if floor else "-", f"{med / floor:.1f}x" if floor else "-"])
+                     paired(r, fastest_any), fastest_any["name"] if fastest_any else "-",
+                     f"{floor:.1f}" if floor else "-", f"{med / floor:.1f}x" if floor else "-",
+                     f"{compile_s:.0f}" if compile_s is not None else "-"])
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s (in-place updates of {n_params * itemsize / 1e6:.0f} MB "
           "tensors)\n")
     print(harness.markdown_table(
         ["optimizer", "median ms/step", "min ms/step", "vs fastest eager torch", "(that is)", "vs torch fused",
-         "floor ms", "x floor"], rows, right=(1, 2, 3, 5, 6, 7)))
+         "vs fastest torch", "(that is)", "floor ms", "x floor", "compile s"], rows, right=(1, 2, 3, 5, 6, 8, 9, 10)))
     harness.write_json(args.json, {"device": args.device, "dtype": args.dtype, "clock": args.clock,
                                    "memory_bandwidth_bytes_per_s": bandwidth,
-                                   "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs}})
+                                   "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs},
+                                   "first_step_s": {r["name"]: r["first_step_s"] for r in runs}})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 - optimizer parity: LARS, LAMB and PMD-LAMB on CUDA (multi-tensor path with fresh temporaries, the CUDA
   default; multi-tensor with persistent work buffers, the CPU default; the per-tensor loop) against a float64
   CPU run of the same optimizer, over 20 steps with a changing LR, in float32, bfloat16 and float16;
+- the same for the compiled step (``compile_step``, inductor);
 - no host sync inside ``step()`` (``torch.cuda.set_sync_debug_mode("error")``);
 - AGVM + GradScaler: a float16 overflow skips the step (weights, optimizer state, mu unchanged) and
   ``AGVM.update`` leaves a module's mu unchanged for a non-finite Phi; the same through ``LargeBatchStepper``;
@@ -19,7 +20,7 @@ import torch
 
 from helpers import TinyDetector
 from helpers import make_batch as tiny_batch
-from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB
+from largebatch.optim import AGVM, LAMB, LARS, PMDLAMB, compile_step
 from largebatch.optim.groups import build_param_groups
 from largebatch.probe import ModuleLayout, cosine_variance
 
@@ -112,9 +113,10 @@ def lr_at(step, base):
     return base * (1.0 + 0.5 * math.sin(step))  # changes every step
 
 
-def run(case, *, device, dtype, grid, foreach, reuse_buffers=None, steps=STEPS):
-    """``steps`` steps of the optimizer of ``case`` on ``device`` in ``dtype`` from values on the ``grid`` dtype.
-    Returns the initial and final weights and the trust ratios of every step, as float64 CPU tensors."""
+def run(case, *, device, dtype, grid, foreach, reuse_buffers=None, steps=STEPS, compiled=False):
+    """``steps`` steps of the optimizer of ``case`` on ``device`` in ``dtype`` from values on the ``grid`` dtype
+    (``compiled``: its step through ``compile_step``, inductor). Returns the initial and final weights and the
+    trust ratios of every step, as float64 CPU tensors."""
     cls, kwargs, base_lr = CASES[case]
     params = [[p.to(device=device, dtype=dtype) for p in ps] for ps in init_params(grid)]
     groups = []
@@ -125,6 +127,8 @@ def run(case, *, device, dtype, grid, foreach, reuse_buffers=None, steps=STEPS):
         groups.append(group)
     opt = cls(groups, lr=0.0, foreach=foreach, **kwargs)
     opt._reuse_buffers = reuse_buffers
+    if compiled:
+        compile_step(opt)
     w0 = [[p.to(CPU, F64, copy=True) for p in ps] for ps in params]  # copy: float64 CPU .to() is a no-op
     ratios = []
     for step in range(1, steps + 1):
@@ -167,6 +171,24 @@ VARIANTS = {  # (foreach, _reuse_buffers)
     "foreach_buffers": (True, True),  # the CPU default's persistent work buffers, here on CUDA
     "per_tensor": (False, None),
 }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_step_matches_float64_reference(case):
+    """SOLVER.COMPILE_STEP on CUDA: the inductor-compiled step (step counter and PMD's xi as CPU tensor ops moved
+    to the GPU in the graph) against the float64 CPU reference, with the eager float32 tolerances; and few graphs
+    (the gradient pattern alternates between two, the changing float LR becomes a graph input once)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    got = run(case, device=CUDA, dtype=torch.float32, grid=torch.float32, foreach=True, compiled=True)
+    want = reference(case, torch.float32)
+    for gps, wps in zip(got["w"], want["w"]):
+        for a, b in zip(gps, wps):
+            torch.testing.assert_close(a, b, **F32_TOL)
+    assert_ratios_close(got["ratios"], want["ratios"], **F32_RATIO_TOL)
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

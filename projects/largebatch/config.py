@@ -40,6 +40,10 @@ def add_largebatch_config(cfg):
     _C.SOLVER.OPTIMIZER = "SGD"
     # Use the multi-tensor (torch._foreach_*) step; False selects the readable per-tensor reference loop.
     _C.SOLVER.FOREACH = True
+    # torch.compile the optimizer's update (largebatch.optim.compile_step): a few fused kernels instead of many
+    # small ones; clipping, AGVM and AMP stay around it as they are. Compiling costs tens of seconds at the first
+    # iteration (README, "Optimizer speed" says what it saves per step).
+    _C.SOLVER.COMPILE_STEP = False
     # Apply the layer-wise trust ratio (LARS/LAMB/PMD-LAMB) to biases / norm-layer parameters. The papers
     # exclude them (ratio 1.0), as do most implementations; this is separate from their weight decay.
     _C.SOLVER.ADAPT_BIAS = False
@@ -131,6 +135,11 @@ def add_largebatch_config(cfg):
     # (the COCO recipes: 8). With more (fewer GPUs than the recipe), a warning at start-up names the
     # IMS_PER_BATCH / ACCUMULATE_STEPS that keep the recipe's total batch. 0 = no assumption.
     _C.SOLVER.RECIPE_IMS_PER_WORKER = 0
+    # Keep only the last this many periodic checkpoints (model_XXXXXXX.pth) this run writes, deleting older ones
+    # (detectron2's PeriodicCheckpointer max_to_keep); 0 keeps all, as detectron2 does. model_final.pth, the
+    # checkpoint last_checkpoint names and files this run did not write are never deleted. To get past a divergence
+    # keep a few: --resume picks the last one written before the explosion guard saw trouble (README).
+    _C.SOLVER.CHECKPOINTS_TO_KEEP = 0
 
     # ---------------------------------------------------------------------------------------------------------
     # Cross-GPU BatchNorm (MegDet's CGBN, LargeDet's SyncBN), largebatch/norm.py.
@@ -283,6 +292,8 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.MOMENTUM", s.MOMENTUM, "expected a number in [0, 1)")
     if not s.CHECKPOINT_PERIOD > 0:
         fail("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, "expected a number > 0 (iterations, or epochs)")
+    if not (isinstance(s.CHECKPOINTS_TO_KEEP, int) and s.CHECKPOINTS_TO_KEEP >= 0):
+        fail("SOLVER.CHECKPOINTS_TO_KEEP", s.CHECKPOINTS_TO_KEEP, "expected a whole number >= 0 (0: keep all)")
     if not cfg.TEST.EVAL_PERIOD >= 0:
         fail("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "expected a number >= 0 (0: evaluate at the end only)")
     if os.path.exists(cfg.OUTPUT_DIR) and not os.path.isdir(cfg.OUTPUT_DIR):

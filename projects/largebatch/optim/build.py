@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .agvm import AGVM
+from .compile import compile_step
 from .groups import ModulePartition, build_param_groups
 from .lamb import LAMB, PMDLAMB
 from .lars import LARS
@@ -89,10 +90,13 @@ def build_optimizer(cfg, model, wrap=None) -> torch.optim.Optimizer:
     """Build SOLVER.OPTIMIZER over part-aware param groups, wrapped in AGVM when SOLVER.AGVM.ENABLED.
 
     ``wrap`` (optional) is applied to the base optimizer before the AGVM wrapper, e.g. detectron2's
-    gradient clipping, so that it acts on the optimizer that really steps.
+    gradient clipping, so that it acts on the optimizer that really steps. With SOLVER.COMPILE_STEP the base
+    optimizer's update is compiled (``compile_step``) and both wrappers stay eager around it.
     """
     groups = build_param_groups_from_cfg(cfg, model)
     optimizer = build_base_optimizer(cfg, groups)
+    if cfg.SOLVER.COMPILE_STEP:
+        optimizer = compile_step(optimizer)  # before the wrappers: they stay eager around the compiled update
     if wrap is not None:
         optimizer = wrap(optimizer)
     summary = ", ".join(

@@ -2,19 +2,26 @@
 Algorithm 2) and PMD-LAMB, LAMB with periodical moments decay (Wang et al. 2020, "Large Batch Optimization
 for Object Detection: Training COCO in 12 Minutes" = LargeDet, Algorithm 1, eq. 3-5).
 
+As in torch.optim: the classes keep the param groups and the state (``exp_avg``, ``exp_avg_sq`` per param, a
+step counter per group), the math is :func:`lamb`, which takes tensor lists and a :class:`LambHyper`. The step
+counter is a CPU tensor so that ``torch.compile(opt.step)`` builds one graph for a whole run: the bias
+corrections and PMD's xi are tensor ops on it there (eagerly, Python floats read from it, as torch's Adam).
+
 Plain PyTorch: no detectron2 import.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .checks import check, check_betas, check_lr, check_nonneg, check_positive, check_trust_clip
 from .trust_ratio import (
+    _LOW_PRECISION,
+    Scalar,
     TrustRatioOptimizer,
     axpy_,
     foreach_norms,
@@ -22,11 +29,13 @@ from .trust_ratio import (
     norm_dtype,
     safe_ratio,
     scaled_lists,
+    step_dtype,
     sub_scaled_,
     tensor_norm,
 )
 
-__all__ = ["LAMB", "PMDLAMB", "lamb_trust_ratio", "pmd_xi"]
+__all__ = ["LAMB", "PMDLAMB", "LambHyper", "LambCoefficients", "lamb", "lamb_coefficients", "lamb_trust_ratio",
+           "pmd_xi"]
 
 
 def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, trust_clip: Optional[float] = None) -> Tensor:
@@ -39,16 +48,197 @@ def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, trust_clip: Optional[float]
     return ratio
 
 
-def pmd_xi(t: int, cycle: int) -> float:
-    """The moments-decay coefficient of LargeDet eq. 3: ``xi = cos(pi/2 * (t % T) / T)``. A Python float
-    computed from the Python step counter: nothing is read back from the device."""
-    return math.cos(math.pi / 2 * (t % cycle) / cycle)
+def pmd_xi(t: Scalar, cycle: int) -> Scalar:
+    """The moments-decay coefficient of LargeDet eq. 3: ``xi = cos(pi/2 * (t % T) / T)``, for a step count
+    ``t`` that is a number (a float back) or a tensor (tensor ops, a tensor back: what a compiled step traces)."""
+    phase = math.pi / 2 * (t % cycle) / cycle
+    return torch.cos(phase) if isinstance(phase, Tensor) else math.cos(phase)
+
+
+class LambHyper(NamedTuple):
+    """The hyper-parameters of one param group, as :func:`lamb` takes them (the LR is apart: it may be a tensor
+    that a scheduler fills). LAMB: ``cycle=0, scale=1, eps_inside_sqrt=False``; PMD-LAMB: ``cycle=T,
+    scale=alpha, bias_correction=False, eps_inside_sqrt=True``."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float  # lambda of u = r + lambda * w (inside the trust-ratio update)
+    bias_correction: bool  # Adam's m / (1 - beta1^t), v / (1 - beta2^t)
+    eps_inside_sqrt: bool  # PMD-LAMB line 8: m / sqrt(v + eps); LAMB: m_hat / (sqrt(v_hat) + eps)
+    cycle: int  # T of the periodic moments decay (LargeDet eq. 3-5); 0: none (LAMB)
+    scale: float  # alpha of LargeDet line 9; 1.0 for LAMB
+    trust_clip: Optional[float]  # cap of the trust ratio, or None
+    adapt: bool  # False: ratio 1.0 (biases and norm layers, usually)
+
+
+class LambCoefficients(NamedTuple):
+    """One step of LAMB / PMD-LAMB at step count ``t``, as numbers (or per-tensor 1-D tensors)::
+
+        m <- m_decay * m + (1 - beta1) * g;   v <- v_decay * v + (1 - beta2) * g^2
+        r  = m_scale * m / (v_scale * sqrt(v + eps_in) + eps_out)
+    """
+
+    m_decay: Scalar  # beta1; xi * beta1 for PMD-LAMB (eq. 4)
+    v_decay: Scalar  # beta2; xi * beta2 for PMD-LAMB (eq. 5)
+    m_scale: Scalar  # 1 / (1 - beta1^t) with bias correction, else 1
+    v_scale: Scalar  # 1 / sqrt(1 - beta2^t) with bias correction, else 1
+    eps_in: float
+    eps_out: float
+
+
+def lamb_coefficients(t: Scalar, hyper: LambHyper) -> LambCoefficients:
+    """The coefficients of step ``t`` (counted from 1): LAMB Algorithm 2 lines 6-8 / LargeDet eq. 3-5 and line 8.
+    ``t`` a number gives numbers; ``t`` a tensor gives tensors of its shape (tensor ops only)."""
+    b1, b2 = hyper.beta1, hyper.beta2
+    m_decay, v_decay = b1, b2
+    if hyper.cycle:
+        xi = pmd_xi(t, hyper.cycle)
+        m_decay, v_decay = xi * b1, xi * b2
+    m_scale = v_scale = 1.0
+    if hyper.bias_correction:
+        m_scale = 1 / (1 - b1**t)
+        v_scale = (1 - b2**t) ** -0.5
+    if hyper.eps_inside_sqrt:
+        return LambCoefficients(m_decay, v_decay, m_scale, v_scale, eps_in=hyper.eps, eps_out=0.0)
+    return LambCoefficients(m_decay, v_decay, m_scale, v_scale, eps_in=0.0, eps_out=hyper.eps)
+
+
+def lamb(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    step: Tensor,
+    *,
+    lr: Scalar,
+    hyper: LambHyper,
+    foreach: bool,
+    work_buffers: Optional[List[Tensor]] = None,
+) -> List[Tuple[Sequence[int], Tensor]]:
+    """One LAMB / PMD-LAMB step of ``params`` (all with a gradient) in place; the moments and the step counter
+    ``step`` (a 0-dim tensor: the steps taken, the ``t`` of the equations after this call) are updated too.
+    Returns the trust ratios used, as ``(positions, ratios)`` per device/dtype bucket.
+    ``work_buffers`` (param-shaped, optional): the multi-tensor path builds ``u`` in them instead of in
+    temporaries."""
+    step.add_(1)
+    # eagerly a Python float read from the CPU counter (no device sync; scalar kernels); compiling, a tensor, so
+    # that the coefficients are ops in the graph and a new step count needs no new graph
+    t = step.to(torch.float64) if torch.compiler.is_compiling() else step.item()
+    c = lamb_coefficients(t, hyper)
+    if isinstance(t, Tensor) and params[0].device != t.device:  # compiling over GPU params: scalars go with them
+        c = LambCoefficients(*(x.to(params[0].device) if isinstance(x, Tensor) else x for x in c))
+    if foreach:
+        return _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c, lr, hyper, work_buffers)
+    return _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c, lr, hyper)
+
+
+def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients, lr, hyper: LambHyper):
+    """The per-tensor loop: the equations as written."""
+    wd = hyper.weight_decay
+    ratios = []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.mul_(c.m_decay).add_(g, alpha=1 - hyper.beta1)
+        v.mul_(c.v_decay).addcmul_(g, g, value=1 - hyper.beta2)
+        r = (m * c.m_scale) / ((v + c.eps_in).sqrt() * c.v_scale + c.eps_out)
+        u = r.add(p, alpha=wd) if wd != 0 else r
+        if hyper.adapt:
+            ratio = lamb_trust_ratio(tensor_norm(p), tensor_norm(u), hyper.trust_clip)
+        else:
+            ratio = torch.ones((), dtype=norm_dtype(p.dtype), device=p.device)
+        sub_scaled_(p, u * (hyper.scale * ratio), lr)
+        ratios.append(ratio)
+    return [(range(len(params)), torch.stack(ratios))]
+
+
+def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients, lr, hyper: LambHyper,
+                       work_buffers):
+    """Multi-tensor path, per device/dtype bucket, with few passes over memory: the moments in place
+    (``lerp_`` when the decay is the plain beta1); ``u`` up to a scalar factor, either in the work buffers (CPU)
+    or from two temporaries (one ``addcdiv`` builds ``u / wd``); two fused norm reductions; the parameter update
+    as one fused multiply-add whose per-tensor factor (ratio, LR and the scalar factor of ``u``) is a 0-dim
+    tensor. In float32 / float64 the bias correction of v is folded into the scalars:
+    ``m_scale * m / (v_scale * sqrt(v) + eps) = (m_scale / v_scale) * m / (sqrt(v) + eps / v_scale)``; in
+    float16 / bfloat16 not (``eps / v_scale`` could underflow to 0, and a zero v would give 0 / 0)."""
+    beta1, beta2, wd = hyper.beta1, hyper.beta2, hyper.weight_decay
+    buffers = work_buffers if work_buffers is not None else [None] * len(params)
+    pieces = []
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, buffers])
+    for (b_params, b_grads, b_m, b_v, b_buffers), pos in grouped:
+        dtype, device = b_params[0].dtype, b_params[0].device
+        if not isinstance(c.m_decay, Tensor) and c.m_decay == beta1:
+            torch._foreach_lerp_(b_m, b_grads, 1 - beta1)  # b1*m + (1-b1)*g in one pass
+        else:
+            torch._foreach_mul_(b_m, c.m_decay)
+            torch._foreach_add_(b_m, b_grads, alpha=1 - beta1)
+        torch._foreach_mul_(b_v, c.v_decay)
+        torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
+
+        # r = k * m / denom, denom = sqrt(v + eps_in) * denom_scale + eps_out
+        if dtype in _LOW_PRECISION:
+            k, denom_scale, eps_out = c.m_scale, c.v_scale, c.eps_out
+        else:
+            k, denom_scale, eps_out = c.m_scale / c.v_scale, 1.0, c.eps_out / c.v_scale
+        scalar_k = not isinstance(k, Tensor)
+        if b_buffers[0] is not None:
+            # build u / k in the persistent buffers (why: TrustRatioOptimizer._reuse_buffers)
+            u = b_buffers
+            torch._foreach_copy_(u, b_v)
+            if c.eps_in != 0:
+                torch._foreach_add_(u, c.eps_in)
+            torch._foreach_sqrt_(u)
+            if not (scalar_k and denom_scale == 1.0):
+                torch._foreach_mul_(u, denom_scale)
+            _add_eps(u, eps_out)
+            # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
+            torch._foreach_div_(u, b_m)
+            torch._foreach_reciprocal_(u)
+            if wd != 0:
+                axpy_(u, b_params, wd / k)
+            u_scale = k  # u_true = k * u
+        else:
+            # CUDA & co: temporaries come from the caching allocator; fewest passes
+            if c.eps_in != 0:
+                denom = torch._foreach_add(b_v, c.eps_in)
+                torch._foreach_sqrt_(denom)
+            else:
+                denom = torch._foreach_sqrt(b_v)
+            if not (scalar_k and denom_scale == 1.0):
+                torch._foreach_mul_(denom, denom_scale)
+            _add_eps(denom, eps_out)
+            if wd != 0 and dtype != torch.float16 and scalar_k:
+                # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
+                u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
+                u_scale = wd
+            else:
+                # u / k = m / denom + (wd / k) * w
+                u = torch._foreach_div(b_m, denom)
+                if wd != 0:
+                    axpy_(u, b_params, wd / k)
+                u_scale = k
+            del denom
+        # the true u is u_scale * u: its norm and the step size carry the factor instead of a pass
+        if hyper.adapt:
+            ratio = lamb_trust_ratio(foreach_norms(b_params), u_scale * foreach_norms(u), hyper.trust_clip)
+            axpy_(b_params, u, scaled_lists(ratio * (-lr * hyper.scale * u_scale), dtype))
+        else:
+            ratio = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=device)
+            axpy_(b_params, u, -lr * (hyper.scale * u_scale))
+        pieces.append((pos, ratio))
+    return pieces
+
+
+def _add_eps(tensors: List[Tensor], eps: Scalar) -> None:
+    if isinstance(eps, Tensor) or eps != 0:
+        torch._foreach_add_(tensors, eps)
 
 
 class _LambBase(TrustRatioOptimizer):
-    """Adam moments + a per-tensor trust ratio. Keeps a per-group step counter ``group["step"]`` (a Python
-    int, so it is in ``state_dict()["param_groups"]`` and a resumed run continues exactly); it counts the
-    steps in which the group had at least one gradient."""
+    """Adam moments + a per-tensor trust ratio. State per param: ``exp_avg`` and ``exp_avg_sq``. The step counter
+    ``t`` is ``group["step"]``, a float CPU tensor (exact up to 2**24 steps) that counts the steps in which the
+    group had at least one gradient (LargeDet's iteration t; timm's Lamb also counts per group). It is in
+    ``state_dict()["param_groups"]``, so a resumed run continues exactly; checkpoints of earlier versions, whose
+    ``group["step"]`` was a Python int, still load."""
 
     #: where Adam's second moment v lives (``state[p][...]``), declared for the gradient probe, which measures
     #: AGVM's Phi on Adam-normalised gradients for Adam-family optimizers
@@ -64,135 +254,37 @@ class _LambBase(TrustRatioOptimizer):
                 "trust ratio are defined for real tensors; pass torch.view_as_real(p) views or real parameters"
             )
         param_group["params"] = params
-        param_group.setdefault("step", 0)
+        param_group["step"] = _step_tensor(param_group.get("step", 0))
         super().add_param_group(param_group)
 
-    def _moments(self, params: List[Tensor]):
-        exp_avgs, exp_avg_sqs = [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-        return exp_avgs, exp_avg_sqs
+    def _state_keys(self, group: dict):
+        return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, group, params, grads, foreach):
-        group["step"] += 1
-        m, v = self._moments(params)
-        if foreach:
-            return self._update_foreach(group, params, grads, m, v)
-        return self._update_single(group, params, grads, m, v)
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    # For the multi-tensor path both subclasses describe one step through these few Python floats:
-    #   m = m_decay * m + (1 - beta1) * g;  v = v_decay * v + (1 - beta2) * g^2
-    #   u = k * m / (sqrt(v + eps_in) + eps_out) + weight_decay * w;  w -= lr_scale * lr * ratio * u
-    def _coefficients(self, group: dict) -> dict:  # pragma: no cover - overridden
+    def _hyper(self, group: dict) -> LambHyper:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _direction(self, group: dict, m: Tensor, v: Tensor) -> Tensor:  # pragma: no cover - overridden
-        """``r`` of one tensor from its updated moments, written as in the paper (per-tensor path)."""
-        raise NotImplementedError
+    def _update(self, group, params, grads, states):
+        exp_avgs, exp_avg_sqs = states
+        return lamb(
+            params, grads, exp_avgs, exp_avg_sqs, group["step"], lr=group["lr"], hyper=self._hyper(group),
+            foreach=self._use_foreach(group, params), work_buffers=self._scratch(params),
+        )
 
-    def _ratio(self, group: dict, w_norm: Tensor, u_norm: Tensor) -> Tensor:
-        return lamb_trust_ratio(w_norm, u_norm, group.get("trust_clip"))
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # an earlier version's Python-int step, or a tensor loaded elsewhere
+            group["step"] = _step_tensor(group.get("step", 0))
 
-    def _update_single(self, group, params, grads, exp_avgs, exp_avg_sqs):
-        """The per-tensor loop: the equations as written."""
-        c = self._coefficients(group)
-        beta1, beta2 = group["betas"]
-        wd, lr = group["weight_decay"], group["lr"]
-        ratios = []
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            m.mul_(c["m_decay"]).add_(g, alpha=1 - beta1)
-            v.mul_(c["v_decay"]).addcmul_(g, g, value=1 - beta2)
-            r = self._direction(group, m, v)
-            u = r.add(p, alpha=wd) if wd != 0 else r
-            if group["adapt"]:
-                ratio = self._ratio(group, tensor_norm(p), tensor_norm(u))
-            else:
-                ratio = torch.ones((), dtype=norm_dtype(p.dtype), device=p.device)
-            sub_scaled_(p, u * (c["lr_scale"] * ratio), lr)
-            ratios.append(ratio)
-        return [(range(len(params)), torch.stack(ratios))]
 
-    def _update_foreach(self, group, params, grads, exp_avgs, exp_avg_sqs):
-        """Multi-tensor path, per device/dtype bucket, with few passes over memory: the moments in place
-        (``lerp_`` when the decay is the plain beta1); ``u`` up to a scalar factor, either in one persistent
-        work buffer (CPU) or from two temporaries (one ``addcdiv`` builds ``u / wd``); two fused norm
-        reductions; the parameter update as one fused multiply-add whose per-tensor factor (ratio, LR and
-        the scalar factor of ``u``) is a 0-dim tensor. Bias corrections are folded into Python scalars:
-        ``m_hat / (sqrt(v_hat) + eps) = k * m / (sqrt(v) + eps * sqrt(bc2))`` with ``k = sqrt(bc2) / bc1``."""
-        c = self._coefficients(group)
-        beta1, beta2 = group["betas"]
-        wd, lr = group["weight_decay"], group["lr"]
-        pieces = []
-        grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs])
-        for (b_params, b_grads, b_m, b_v), pos in grouped:
-            dtype = b_params[0].dtype
-            if c["m_decay"] == beta1:
-                torch._foreach_lerp_(b_m, b_grads, 1 - beta1)  # b1*m + (1-b1)*g in one pass
-            else:
-                torch._foreach_mul_(b_m, c["m_decay"])
-                torch._foreach_add_(b_m, b_grads, alpha=1 - beta1)
-            torch._foreach_mul_(b_v, c["v_decay"])
-            torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
-
-            k, eps_out, unfold = c["k"], c["eps_out"], None
-            if eps_out != 0 and float(torch.tensor(eps_out, dtype=dtype)) == 0.0:
-                # the folded eps * sqrt(bc2) underflows in this dtype (float16, a small eps, early steps): a zero
-                # v would give 0 / 0. Unfold it: k m / (sqrt(v) + eps') = (k / f) m / (sqrt(v) / f + eps' / f)
-                unfold = 1.0 / c["fold"]
-                k, eps_out = k * unfold, eps_out * unfold
-            if self._use_work_buffers(b_params[0].device):
-                # reuse one persistent buffer (why: TrustRatioOptimizer._reuse_buffers)
-                u = self._scratch(b_params)
-                torch._foreach_copy_(u, b_v)
-                if c["eps_in"] != 0:
-                    torch._foreach_add_(u, c["eps_in"])
-                torch._foreach_sqrt_(u)
-                if unfold is not None:
-                    torch._foreach_mul_(u, unfold)
-                if eps_out != 0:
-                    torch._foreach_add_(u, eps_out)
-                # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
-                torch._foreach_div_(u, b_m)
-                torch._foreach_reciprocal_(u)
-                if wd != 0:
-                    torch._foreach_add_(u, b_params, alpha=wd / k)
-                u_scale = k  # u_true = k * u
-            else:
-                # CUDA & co: temporaries come from the caching allocator; fewest passes
-                if c["eps_in"] != 0:
-                    denom = torch._foreach_add(b_v, c["eps_in"])
-                    torch._foreach_sqrt_(denom)
-                else:
-                    denom = torch._foreach_sqrt(b_v)
-                if unfold is not None:
-                    torch._foreach_mul_(denom, unfold)
-                if eps_out != 0:
-                    torch._foreach_add_(denom, eps_out)
-                if wd != 0 and dtype != torch.float16:
-                    # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
-                    u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
-                    u_scale = wd
-                else:
-                    # u / k = m / denom + (wd / k) * w
-                    u = torch._foreach_div(b_m, denom)
-                    if wd != 0:
-                        torch._foreach_add_(u, b_params, alpha=wd / k)
-                    u_scale = k
-                del denom
-            # the true u is u_scale * u: its norm and the step size carry the factor instead of a pass
-            if group["adapt"]:
-                ratio = self._ratio(group, foreach_norms(b_params), u_scale * foreach_norms(u))
-                axpy_(b_params, u, scaled_lists(ratio * (-lr * c["lr_scale"] * u_scale), dtype))
-            else:
-                ratio = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=b_params[0].device)
-                axpy_(b_params, u, -lr * (c["lr_scale"] * u_scale))
-            pieces.append((pos, ratio))
-        return pieces
+def _step_tensor(step) -> Tensor:
+    """A group's step counter as the step expects it: a 0-dim float CPU tensor of its own."""
+    if isinstance(step, Tensor) and step.device.type == "cpu" and step.dtype == step_dtype() and step.dim() == 0:
+        return step
+    return torch.tensor(float(step), dtype=step_dtype())
 
 
 class LAMB(_LambBase):
@@ -220,7 +312,7 @@ class LAMB(_LambBase):
         trust_clip: upper bound of the trust ratio, or None.
         foreach: True: multi-tensor path; False: per-tensor loop; None: multi-tensor on CPU/CUDA.
 
-    State: ``state[p]["exp_avg"]``, ``state[p]["exp_avg_sq"]``, and the step counter ``group["step"]``.
+    State: ``state[p]["exp_avg"]``, ``state[p]["exp_avg_sq"]`` and the step counter ``group["step"]`` (a CPU tensor).
     The ratios of the last step: :meth:`last_trust_ratios` (NaN for params without a gradient, skipped).
     """
 
@@ -255,29 +347,12 @@ class LAMB(_LambBase):
         check_nonneg("weight_decay", group["weight_decay"])
         check_trust_clip(group["trust_clip"])
 
-    def _direction(self, group: dict, m: Tensor, v: Tensor) -> Tensor:
-        if group["bias_correction"]:
-            beta1, beta2 = group["betas"]
-            t = group["step"]
-            m, v = m / (1 - beta1**t), v / (1 - beta2**t)
-        return m / (v.sqrt() + group["eps"])
-
-    def _coefficients(self, group: dict) -> dict:
+    def _hyper(self, group: dict) -> LambHyper:
         beta1, beta2 = group["betas"]
-        t = group["step"]
-        if group["bias_correction"]:
-            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        else:
-            bc1 = bc2 = 1.0
-        # m_hat / (sqrt(v_hat) + eps) = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2))
-        return dict(
-            m_decay=beta1,
-            v_decay=beta2,
-            k=math.sqrt(bc2) / bc1,
-            eps_in=0.0,
-            eps_out=group["eps"] * math.sqrt(bc2),
-            fold=math.sqrt(bc2),  # the factor folded into eps_out and k
-            lr_scale=1.0,
+        return LambHyper(
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"], eps_inside_sqrt=False, cycle=0, scale=1.0,
+            trust_clip=group["trust_clip"], adapt=group["adapt"],
         )
 
 
@@ -295,7 +370,7 @@ class PMDLAMB(_LambBase):
 
     ``ratio`` is 1.0 where either norm is 0 and for a param group with ``"adapt": False`` (``scale`` still
     applies). Defaults are the paper's: alpha=0.012, T=200, wd=5e-4, beta1=0.9, beta2=0.999. The cycle
-    position lives in ``group["step"]`` and so in ``state_dict()``.
+    position is ``group["step"]`` (a CPU tensor), and so in ``state_dict()``.
     :meth:`last_trust_ratios` returns ``ratio`` (without ``scale``; NaN for params without a gradient).
     """
 
@@ -333,18 +408,10 @@ class PMDLAMB(_LambBase):
         check("cycle", is_int and cycle >= 1, cycle, "an int >= 1")
         check_positive("scale", group["scale"])
 
-    def _direction(self, group: dict, m: Tensor, v: Tensor) -> Tensor:
-        return m / (v + group["eps"]).sqrt()
-
-    def _coefficients(self, group: dict) -> dict:
+    def _hyper(self, group: dict) -> LambHyper:
         beta1, beta2 = group["betas"]
-        xi = pmd_xi(group["step"], group["cycle"])
-        return dict(
-            m_decay=xi * beta1,
-            v_decay=xi * beta2,
-            k=1.0,
-            eps_in=group["eps"],
-            eps_out=0.0,
-            fold=1.0,
-            lr_scale=group["scale"],
+        return LambHyper(
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            bias_correction=False, eps_inside_sqrt=True, cycle=group["cycle"], scale=group["scale"],
+            trust_clip=None, adapt=group["adapt"],
         )
