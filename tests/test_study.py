@@ -1,6 +1,7 @@
 """The large-batch study (bench/large_batch_study.py runs it, largebatch.analysis.study reads it): the study arms
-resolve to the documented recipes, the report marks divergence, and a tiny real run of the script (one arm,
-2 iterations, 1 worker) writes a parsed table and a PNG."""
+resolve to the documented recipes, the report marks divergence, the gradient-variance records are read and drawn,
+and a real ``--quick`` run of the script (two runs, 3 iterations each, 2 workers, its own data and pre-trained
+backbone) writes parsed tables and both figures."""
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 from helpers import REPO, run_python
 from largebatch.analysis import study
-from largebatch.analysis.plots import plot_study
+from largebatch.analysis.plots import plot_grad_variance, plot_study
 
 STUDY_CONFIGS = os.path.join(REPO, "configs", "shapes", "study")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,32 +24,41 @@ def _datasets(monkeypatch):
     monkeypatch.setenv("LARGEBATCH_DATASETS", os.environ.get("LARGEBATCH_DATASETS", os.path.join(REPO, "datasets")))
 
 
-# arm -> (optimizer, total batch, resolved LR, iterations for 6 epochs of 1024 images)
+# arm -> (optimizer, total batch, resolved LR, iterations for 5 epochs of the embedded 1024 images)
 EXPECTED = {
-    "sgd_b8": ("SGD", 8, 0.01, 768),
-    "sgd_b64_linear": ("SGD", 64, 0.08, 96),
-    "lars_b64": ("LARS (eta 1)", 64, 0.0008, 96),
-    "lamb_b64": ("LAMB", 64, 0.00096, 96),
-    "pmdlamb_b64": ("PMDLAMB (alpha 0.012, T 16)", 64, 0.08, 96),
-    "agvm_sgd_b64": ("SGD + AGVM (tau 10)", 64, 0.08, 96),
+    "sgd_b4": ("SGD", 4, 0.005, 1280),
+    "sgd_b64_linear": ("SGD", 64, 0.08, 80),
+    "agvm_sgd_b64": ("SGD + AGVM (tau 10)", 64, 0.08, 80),
+    "lars_b64": ("LARS (eta 1)", 64, 0.0008, 80),
+    "lamb_b64": ("LAMB", 64, 0.00096, 80),
+    "pmdlamb_b64": ("PMDLAMB (alpha 0.012, T 25)", 64, 0.08, 80),
+    "agvm_adamw_b64": ("ADAMW + AGVM (tau 10)", 64, 0.0004, 80),
+    "sgd_b256_linear": ("SGD", 256, 0.32, 20),
+    "sgd_b64_linear_bn": ("SGD", 64, 0.08, 80),
 }
+KNOWN = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "lars_b64", "lamb_b64", "pmdlamb_b64", "agvm_adamw_b64",
+         "sgd_b256_linear", "sgd_b64_linear_bn")
 
 
 def test_every_study_arm_resolves_to_its_documented_recipe():
-    assert {f[: -len(".yaml")] for f in os.listdir(STUDY_CONFIGS) if f.endswith(".yaml")} == set(EXPECTED)
-    opts = study.arm_overrides(epochs=6)
+    found = {f[: -len(".yaml")] for f in os.listdir(STUDY_CONFIGS) if f.endswith(".yaml")}
+    assert found == set(EXPECTED) | {"Base-Study"}
+    opts = study.arm_overrides(epochs=5)
     for arm, (optimizer, batch, lr, iters) in EXPECTED.items():
         info = study.resolve_arm(arm, _config(arm), opts, 2)
         assert (info["optimizer"], info["total_batch"], info["max_iter"]) == (optimizer, batch, iters), arm
         assert info["lr"] == pytest.approx(lr), arm
+    # the study's own split (3200 images, 5 epochs): every batch-64 arm takes >= 250 optimizer steps, 16x batch 4
+    for arm in KNOWN[1:7]:
+        assert 5 * 3200 // EXPECTED[arm][1] >= 250 and EXPECTED[arm][1] == 16 * EXPECTED["sgd_b4"][1], arm
 
 
 @pytest.mark.slow
 def test_unknown_arm_is_one_error_that_lists_the_arms():
-    result = run_python("bench/large_batch_study.py", "--arms", "sgd_b8,nope", "--report-only", timeout=60)
+    result = run_python("bench/large_batch_study.py", "--arms", "sgd_b4,nope", "--report-only", timeout=60)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
-    assert error.endswith(f"--arms: unknown arm(s) nope; known: {', '.join(EXPECTED)}"), result.stderr
+    assert error.endswith(f"--arms: unknown arm(s) nope; known: {', '.join(KNOWN)}"), result.stderr
 
 
 def _fake_arm(root, arm, metrics, returncode, log):
@@ -95,25 +105,59 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
     assert not study.is_done(ok, dict(info, max_iter=64), [], 2)
 
 
+def test_grad_var_records_summary_and_figure(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    lines = [{"format": "largebatch.layer_stats/1", "names": ["a"], "parts": ["backbone"], "groups": [0]},
+             {"iter": 0, "lr": [0.1], "trust_ratio": [1.0], "grad_var": {"backbone": 0.5, "fpn": 0.25}},
+             {"iter": 5, "lr": [0.1], "trust_ratio": [1.0]},  # a record without a measurement
+             {"iter": 10, "lr": [0.1], "trust_ratio": [1.0], "grad_var": {"backbone": 1.2, "fpn": 0.4}},
+             {"iter": 15, "lr": [0.1], "trust_ratio": [1.0], "grad_var": {"backbone": 0.8, "fpn": None}}]
+    (d / "layer_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = study.grad_var_records(str(d))
+    assert records == [(0, {"backbone": 0.5, "fpn": 0.25}), (10, {"backbone": 1.2, "fpn": 0.4}),
+                       (15, {"backbone": 0.8})]
+    row = {"arm": "run", "total_batch": 64, "iters_per_epoch": 10.0}
+    summary = study.phi_summary(row, records, "SyncBN")  # after 1 epoch = 10 iterations: records 10 and 15
+    assert summary["records"] == 2 and summary["backbone_above_1"] == "1 of 2"
+    assert summary["mean"] == {"backbone": pytest.approx(1.0), "fpn": pytest.approx(0.4)}
+    png = str(tmp_path / "grad_var.png")
+    plot_grad_variance([dict(row, grad_var=records), dict(row, arm="other", total_batch=4, grad_var=[])], png)
+    with open(png, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
 @pytest.mark.slow
-def test_tiny_study_run_writes_a_parsed_table_and_a_png(tmp_path):
-    out = str(tmp_path / "study")
-    result = run_python("bench/large_batch_study.py", "--arms", "sgd_b8", "--max-iter", "2", "--num-workers", "1",
-                        "--output", out, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=300)
+def test_quick_study_writes_parsed_tables_and_figures(tmp_path):
+    out, data = str(tmp_path / "study"), str(tmp_path / "data")
+    result = run_python("bench/large_batch_study.py", "--quick", "--arms", "sgd_b4,sgd_b64_linear", "--output", out,
+                        "--data-root", data, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(os.path.join(out, "study.md")) as f:
         md = f.read()
-    row = next(line for line in md.splitlines() if line.startswith("| sgd_b8 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:5] == ["sgd_b8", "SGD", "8", "2", "0.01"], row
-    ap, ap50, loss = float(cells[5]), float(cells[6]), float(cells[7])
-    assert ap >= 0 and ap50 >= 0 and loss > 0, row
-    assert cells[-1] == "no", row
-    with open(os.path.join(out, "study.png"), "rb") as f:
-        assert f.read(8) == PNG_MAGIC
-    # the run is reusable: same settings -> done
-    opts = study.arm_overrides(max_iter=2, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
-    assert study.is_done(os.path.join(out, "sgd_b8"), study.resolve_arm("sgd_b8", _config("sgd_b8"), opts, 1), opts, 1)
+    expected = {"sgd_b4": ["sgd_b4", "SGD", "4", "3", "0.005"], "sgd_b64_linear": ["sgd_b64_linear", "SGD", "64", "3",
+                                                                                    "0.08"]}
+    for arm, head in expected.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {arm} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:5] == head, row
+        ap, ap50, loss = float(cells[5]), float(cells[6]), float(cells[7])
+        assert ap >= 0 and ap50 >= 0 and loss > 0 and cells[-1] == "no", row
+        # the monitor measured grad_var (at iteration 0 at least: it records when iter % MONITOR.PERIOD == 0)
+        assert study.grad_var_records(os.path.join(out, arm)), arm
+    # its own split of the generator and the pre-trained backbone, passed to every arm
+    assert "256 training / 64 validation images" in md and "pre-trained here" in md
+    assert os.path.isfile(os.path.join(data, "pretrained", "shapes_backbone_512x1.pth"))
+    with open(os.path.join(out, "sgd_b4", "train.log")) as f:
+        log = f.read()
+    assert "shapes_backbone_512x1.pth" in log and "shapes_study_train" in log
+    for name in ("study.png", "grad_var.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    # the runs are reusable: a second invocation reruns nothing
+    again = run_python("bench/large_batch_study.py", "--quick", "--arms", "sgd_b4", "--output", out, "--data-root",
+                       data, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=200)
+    assert again.returncode == 0 and "finished run found" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
 
 
 def test_evaluations_missing_from_metrics_json_are_read_from_the_log():

@@ -21,7 +21,7 @@ from .metrics import (
     read_metrics,
 )
 
-__all__ = ["PART_COLORS", "part_color", "plot_run", "plot_lr_schedule", "plot_study"]
+__all__ = ["PART_COLORS", "part_color", "plot_run", "plot_lr_schedule", "plot_study", "plot_grad_variance"]
 
 # matplotlib's tab10 cycle: one colour per detector part (in DETECTOR_PARTS order), the rest for other parts
 _TAB10 = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -323,5 +323,46 @@ def plot_study(rows: List[dict], path: str) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_grad_variance(runs: List[dict], path: str) -> str:
+    """AGVM Fig. 1: grad_var (Phi = 1 - cos of the two halves' gradients, AGVM eq. 3) of every detector part
+    against epochs, one panel per run (the rows of ``summarize_arm`` with ``grad_var``: [(iteration, {part: Phi})]),
+    and below it Phi_backbone / Phi_part, the multiplier AGVM would give each part before its momentum and clamp
+    (1 where the parts are aligned)."""
+    plt = pyplot()
+    n = max(1, len(runs))
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 7), dpi=110, sharey="row", squeeze=False)
+    for col, run in enumerate(runs):
+        ax, ax_ratio = axes[0][col], axes[1][col]
+        ipe = run["iters_per_epoch"]
+        records = run["grad_var"]
+        parts = part_order({p for _, phi in records for p in phi})
+        for part in parts:
+            pts = [((it + 1) / ipe, phi[part]) for it, phi in records if part in phi]
+            if not pts:
+                continue
+            xs, ys = _xy(pts)
+            ax.plot(xs, ys, label=part, color=part_color(part), **_markers(xs))
+            if part != "backbone":
+                ratio = [((it + 1) / ipe, phi["backbone"] / phi[part]) for it, phi in records
+                         if part in phi and "backbone" in phi and phi[part] > 0]
+                if ratio:
+                    rx, ry = _xy(ratio)
+                    ax_ratio.plot(rx, ry, label=part, color=part_color(part), **_markers(rx))
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # Phi = 1: uncorrelated halves
+        ax_ratio.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{run['arm']}: batch {run['total_batch']} ({len(records)} records)", fontsize=10)
+        ax_ratio.set_xlabel("epoch")
+        ax_ratio.set_yscale("log")
+        for a in (ax, ax_ratio):
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=8)
+    axes[0][0].set_ylabel("grad_var = 1 - cos(G1, G2)")
+    axes[1][0].set_ylabel("Phi_backbone / Phi_part (AGVM's mu, raw)")
+    fig.suptitle("Gradient variance per detector part (monitor only, no AGVM, SyncBN)", fontsize=11)
     fig.tight_layout()
     return save(fig, path)

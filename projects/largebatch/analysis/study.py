@@ -11,10 +11,10 @@ import os
 import re
 from typing import List, Sequence
 
-from .metrics import read_json, read_metrics_rows, read_text
+from .metrics import read_json, read_layer_stats, read_metrics_rows, read_text
 
 __all__ = ["DIVERGED", "arm_overrides", "resolve_arm", "eval_iterations", "log_evals", "merge_evals",
-           "summarize_arm", "is_done", "table", "fmt_number", "fmt_duration"]
+           "summarize_arm", "is_done", "table", "fmt_number", "fmt_duration", "grad_var_records", "phi_summary"]
 
 DIVERGED = re.compile(r"Training diverged|FloatingPointError")
 LR_LINE = re.compile(r"BASE_LR ([0-9.eE+-]+) -> ([0-9.eE+-]+) \(rule")
@@ -155,6 +155,26 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
         "ap_curve": [(min(it + 1, info["max_iter"]) / ipe, a, a50) for it, a, a50 in evals],
         "loss_curve": [(min(it + 1, info["max_iter"]) / ipe, loss) for it, loss in losses],
     }
+
+
+def grad_var_records(arm_dir: str) -> List[tuple]:
+    """(iteration, {part: Phi}) of every gradient-variance record of the run (the monitor's layer_stats.jsonl,
+    which keeps every record; metrics.json keeps only the latest of each 20 iterations)."""
+    _, records = read_layer_stats(os.path.join(arm_dir, "layer_stats.jsonl"))
+    return [(r["iter"], {k: v for k, v in r["grad_var"].items() if v is not None})
+            for r in records if isinstance(r.get("grad_var"), dict)]
+
+
+def phi_summary(row: dict, records: List[tuple], bn: str, after_epochs: float = 1.0) -> dict:
+    """Mean Phi per part over the records after ``after_epochs`` (the warm-up), and how many of them have the
+    backbone's Phi above 1 (cos < 0: the two halves' backbone gradients point apart)."""
+    start = after_epochs * row["iters_per_epoch"]
+    kept = [phi for it, phi in records if it >= start]
+    parts = sorted({p for phi in kept for p in phi})
+    mean = {p: sum(phi[p] for phi in kept if p in phi) / sum(1 for phi in kept if p in phi) for p in parts}
+    above = sum(1 for phi in kept if phi.get("backbone", 0.0) > 1.0)
+    return {"arm": row["arm"], "total_batch": row["total_batch"], "bn": bn, "records": len(kept), "mean": mean,
+            "backbone_above_1": f"{above} of {len(kept)}"}
 
 
 def is_done(arm_dir: str, info: dict, opts: Sequence[str], num_workers: int) -> bool:
