@@ -214,3 +214,64 @@ def test_interrupted_checkpoint_writes_are_cleaned_up_when_a_run_starts(tmp_path
         path.write_bytes(b"x")
     AtomicCheckpointer(torch.nn.Linear(1, 1), str(tmp_path))
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_no_checkpoint_is_tagged_while_the_guard_sees_trouble_and_the_last_n_are_kept(tmp_path):
+    """Checkpoint every iteration, keep 3: a gradient norm above half the explosion factor x its median writes no
+    periodic checkpoint (and the final one untagged), so last_checkpoint names one from before; the rotation deletes
+    only checkpoints this run wrote."""
+    from types import SimpleNamespace
+
+    from largebatch.engine.checkpoint import AtomicCheckpointer, PeriodicCheckpointer
+    from largebatch.engine.divergence import ExplosionGuard
+
+    earlier = tmp_path / "model_0000100.pth"
+    earlier.write_bytes(b"a checkpoint of an earlier run")
+    guard = ExplosionGuard(factor=10, window=20, min_history=3)
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(2, 2), str(tmp_path), trouble=guard.trouble)
+    trainer = SimpleNamespace(iter=0, max_iter=12, checkpointer=checkpointer)
+    hook = PeriodicCheckpointer(checkpointer, 1, max_to_keep=3)
+    hook.trainer = trainer
+    hook.before_train()
+    grad_norms = [1.0] * 7 + [6.0, 1.0, 1.0, 8.0, 9.0]  # 6x, 8x, 9x: rising, below the factor of 10
+    for iteration, grad_norm in enumerate(grad_norms):
+        trainer.iter = iteration
+        guard.check(iteration, 1.0, grad_norm)
+        hook.after_step()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == [
+        "model_0000006.pth", "model_0000008.pth", "model_0000009.pth", "model_0000100.pth", "model_final.pth"]
+    assert earlier.read_bytes() == b"a checkpoint of an earlier run"
+    assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 11
+
+
+def test_checkpoints_to_keep_is_checked(make_config):
+    from largebatch.config import ConfigError
+
+    assert make_config("SOLVER.CHECKPOINTS_TO_KEEP", 3).SOLVER.CHECKPOINTS_TO_KEEP == 3
+    with pytest.raises(ConfigError, match=r"SOLVER.CHECKPOINTS_TO_KEEP = -1 is not allowed: expected a whole number"):
+        make_config("SOLVER.CHECKPOINTS_TO_KEEP", -1)
+
+
+@pytest.mark.slow
+def test_resume_after_an_explosion_starts_from_a_checkpoint_before_the_trouble(tmp_path):
+    """BASE_LR 0.3 on the shapes data, a checkpoint every iteration, the last 3 kept: the step of iteration 10 takes
+    a gradient 9x its median (not enough to stop) and the guard stops iteration 11 (loss 28x). The checkpoint of
+    iteration 10 holds those weights: it is not written, and --resume with a lower BASE_LR continues from 9."""
+    opts = ["SOLVER.IMS_PER_BATCH", "16", "SOLVER.WARMUP_ITERS", "50", "SOLVER.STEPS", "()",
+            "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.CHECKPOINTS_TO_KEEP", "3", "DATASETS.TEST", "()",
+            "MONITOR.PERIOD", "1", "MONITOR.DIVERGENCE_FACTOR", "0.0", "OUTPUT_DIR", str(tmp_path)]
+    args = ["train_net.py", "--config-file", "configs/shapes/sgd.yaml", *opts]
+    diverged = run_python(*args, "SOLVER.BASE_LR", "0.3", "SOLVER.MAX_ITER", "25")
+    assert diverged.returncode != 0 and "MONITOR.EXPLOSION_FACTOR = 10" in diverged.stderr, diverged.stderr[-3000:]
+    stopped = int(diverged.stderr.split("Training diverged at iteration ")[1].split(":")[0])
+    last = (tmp_path / "last_checkpoint").read_text()
+    kept = sorted(p.name for p in tmp_path.glob("model_*.pth"))
+    assert len(kept) == 3 and last == kept[-1], (kept, last)
+    resumed_from = torch.load(tmp_path / last, map_location="cpu", weights_only=False)
+    assert resumed_from["iteration"] < stopped - 1, (last, stopped)
+    assert f"No checkpoint after iteration {stopped - 1}: the gradient norm was" in diverged.stdout + diverged.stderr
+    resumed = run_python("train_net.py", "--resume", *args[1:], "SOLVER.BASE_LR", "0.05",
+                         "SOLVER.MAX_ITER", str(stopped + 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {resumed_from['iteration'] + 1}" in resumed.stdout + resumed.stderr

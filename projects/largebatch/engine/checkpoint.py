@@ -1,17 +1,22 @@
 """``AtomicCheckpointer``: detectron2's checkpointer whose files never exist half-written, and that holds every
-worker's random-generator states, so that ``--resume`` continues a run exactly."""
+worker's random-generator states, so that ``--resume`` continues a run exactly; ``PeriodicCheckpointer``:
+detectron2's hook, which keeps the last ``max_to_keep`` checkpoints and writes none while the run is in trouble."""
+import logging
 import os
 import random
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import hooks
 from detectron2.utils import comm
 
 from ..files import atomic_write
 
-__all__ = ["AtomicCheckpointer", "rng_state", "set_rng_state"]
+__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "rng_state", "set_rng_state"]
+logger = logging.getLogger("largebatch")
 
 
 def rng_state() -> dict:
@@ -45,10 +50,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
     The checkpoint also holds ``rng_states``: the random-generator states of every worker (rank order) at the
     moment it is written, gathered from all workers. ``save`` is therefore collective when training is
     distributed: every worker calls it (LargeBatchTrainer runs its checkpointing hook on every worker; only the
-    main process writes)."""
+    main process writes).
 
-    def __init__(self, model, save_dir="", **kwargs):
+    ``trouble``: called before a checkpoint is tagged as ``last_checkpoint``; when it returns a reason (the explosion
+    guard's ``trouble``: the loss or gradient norm is rising towards the guard's limit), the checkpoint is written
+    but not tagged, so that ``--resume`` picks the last one written before the trouble."""
+
+    def __init__(self, model, save_dir="", trouble: Optional[Callable[[], Optional[str]]] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        self.trouble = trouble or (lambda: None)
         if self.save_to_disk and save_dir and os.path.isdir(save_dir):
             self._remove_interrupted_writes()
 
@@ -77,7 +87,33 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
         atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")
-        self.tag_last_checkpoint(basename)
+        trouble = self.trouble()
+        if trouble is None:
+            self.tag_last_checkpoint(basename)
+        else:
+            last = os.path.basename(self.get_checkpoint_file()) if self.has_checkpoint() else None
+            self.logger.warning(f"{basename} is not tagged as last_checkpoint: {trouble}; --resume keeps {last}")
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+
+class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """detectron2's PeriodicCheckpointer hook, which writes no periodic checkpoint while the checkpointer's
+    ``trouble`` says the run is in trouble (the final one is written anyway, untagged then).
+
+    Keeping them out also keeps detectron2's rotation right: with ``max_to_keep``, it learns the file it just wrote
+    from ``last_checkpoint``, and deletes the oldest beyond that number. It only ever deletes checkpoints this run
+    wrote, never ``model_final``, and never the one ``last_checkpoint`` names (always the newest it wrote)."""
+
+    def after_step(self):
+        trouble = self.checkpointer.trouble()
+        if trouble is None:
+            super().after_step()
+            return
+        iteration = self.trainer.iter
+        if iteration >= self.trainer.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", iteration=iteration)
+        elif (iteration + 1) % self.period == 0:
+            logger.warning("No checkpoint after iteration %d: %s", iteration, trouble)
+

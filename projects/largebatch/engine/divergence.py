@@ -12,7 +12,7 @@ the values turn non-finite. Hence the default factor of 10.
 """
 import statistics
 from collections import deque
-from typing import Deque, Tuple
+from typing import Deque, Optional, Tuple
 
 __all__ = ["ExplosionGuard"]
 
@@ -26,15 +26,20 @@ class ExplosionGuard:
         self.window = int(window)
         self.min_history = min(int(min_history), self.window)
         self.history: Deque[Tuple[float, float]] = deque(maxlen=self.window)  # (total loss, gradient norm)
+        #: the last check's highest ratio to the median, and what it was of ("" before min_history iterations)
+        self.ratio, self.ratio_of = 0.0, ""
 
     def check(self, iteration: int, loss: float, grad_norm: float) -> None:
         """Raise FloatingPointError if ``loss`` or ``grad_norm`` exploded; otherwise remember them."""
         if self.factor <= 0:
             return
+        self.ratio, self.ratio_of = 0.0, ""
         if len(self.history) >= self.min_history:
             for name, value, past in (("the total loss", loss, [h[0] for h in self.history]),
                                       ("the gradient norm", grad_norm, [h[1] for h in self.history])):
                 median = statistics.median(past)
+                if median > 0 and value / median > self.ratio:
+                    self.ratio, self.ratio_of = value / median, name
                 if median > 0 and value > self.factor * median:
                     raise FloatingPointError(
                         f"Training diverged at iteration {iteration}: {name} {value:.4g} is {value / median:.3g}x its "
@@ -44,6 +49,15 @@ class ExplosionGuard:
                         "(OUTPUT_DIR/last_checkpoint), e.g. with a lower SOLVER.BASE_LR, which a resume applies."
                     )
         self.history.append((float(loss), float(grad_norm)))
+
+    def trouble(self) -> Optional[str]:
+        """Why the weights the last step produced may already be going bad, or None: the last iteration's loss or
+        gradient norm was above half the factor times its median. A checkpoint written then is not tagged as
+        ``last_checkpoint`` (see ``AtomicCheckpointer``), so ``--resume`` picks one from before the trouble."""
+        if self.factor <= 0 or self.ratio <= self.factor / 2:
+            return None
+        return (f"{self.ratio_of} was {self.ratio:.3g}x its median at the last iteration, above half "
+                f"MONITOR.EXPLOSION_FACTOR ({self.factor:g})")
 
     def state_dict(self) -> dict:
         return {"history": list(self.history)}

@@ -26,7 +26,7 @@ from ..optim import build_optimizer
 from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler
 from ..solver import describe_batch, prepare_solver
-from .checkpoint import AtomicCheckpointer, set_rng_state
+from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, set_rng_state
 from .divergence import ExplosionGuard
 from .monitor import MonitorHook
 from .preemption import PreemptionHook
@@ -70,7 +70,9 @@ class LargeBatchTrainer(DefaultTrainer):
             explosion_guard=ExplosionGuard(monitor.EXPLOSION_FACTOR, monitor.EXPLOSION_WINDOW),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # a checkpoint written while the explosion guard sees trouble is not what --resume should pick
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trouble=self._trainer.explosion_guard.trouble,
+                                               trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -131,13 +133,17 @@ class LargeBatchTrainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
+        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+        # detectron2's checkpointing hook -> ours: the last SOLVER.CHECKPOINTS_TO_KEEP kept (0: all), none written
+        # while the explosion guard sees trouble; only the main process deletes
+        ret = [PeriodicCheckpointer(self.checkpointer, period, max_to_keep=self.cfg.SOLVER.CHECKPOINTS_TO_KEEP or None)
+               if isinstance(h, hooks.PeriodicCheckpointer) else h for h in ret]
         if not comm.is_main_process():
             # detectron2 checkpoints on the main process only; a checkpoint here gathers every worker's
             # random-generator states, so every worker runs the hook (the others write nothing), where the
             # main process runs it: before the evaluation
             evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
-            ret.insert(evals[0] if evals else len(ret),
-                       hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.insert(evals[0] if evals else len(ret), PeriodicCheckpointer(self.checkpointer, period))
         ret.append(PreemptionHook())  # last: SIGTERM / SIGUSR1 -> checkpoint and exit, after the others' after_step
         if self.cfg.MONITOR.ENABLED:
             # right after the timer: sees the LR the step used (before LRScheduler moves it on) and checks
