@@ -140,11 +140,6 @@ def add_largebatch_config(cfg):
     # checkpoint last_checkpoint names and files this run did not write are never deleted. To get past a divergence
     # keep a few: --resume picks the last one written before the explosion guard saw trouble (README).
     _C.SOLVER.CHECKPOINTS_TO_KEEP = 0
-    # Keep only the last this many periodic checkpoints (model_XXXXXXX.pth) this run writes, deleting older ones
-    # (detectron2's PeriodicCheckpointer max_to_keep); 0 keeps all, as detectron2 does. model_final.pth, the
-    # checkpoint last_checkpoint names and files this run did not write are never deleted. To get past a divergence
-    # keep a few: --resume picks the last one written before the explosion guard saw trouble (README).
-    _C.SOLVER.CHECKPOINTS_TO_KEEP = 0
 
     # ---------------------------------------------------------------------------------------------------------
     # Cross-GPU BatchNorm (MegDet's CGBN, LargeDet's SyncBN), largebatch/norm.py.
@@ -297,8 +292,6 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.MOMENTUM", s.MOMENTUM, "expected a number in [0, 1)")
     if not s.CHECKPOINT_PERIOD > 0:
         fail("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, "expected a number > 0 (iterations, or epochs)")
-    if not (isinstance(s.CHECKPOINTS_TO_KEEP, int) and s.CHECKPOINTS_TO_KEEP >= 0):
-        fail("SOLVER.CHECKPOINTS_TO_KEEP", s.CHECKPOINTS_TO_KEEP, "expected a whole number >= 0 (0: keep all)")
     if not (isinstance(s.CHECKPOINTS_TO_KEEP, int) and s.CHECKPOINTS_TO_KEEP >= 0):
         fail("SOLVER.CHECKPOINTS_TO_KEEP", s.CHECKPOINTS_TO_KEEP, "expected a whole number >= 0 (0: keep all)")
     if not cfg.TEST.EVAL_PERIOD >= 0:
