@@ -25,9 +25,11 @@ from detectron2.utils import comm
 from largebatch import LargeBatchTrainer, launch
 from largebatch.config import ConfigError, load_config
 from largebatch.data import check_images, register_datasets
+from largebatch.engine.checkpoint import check_weights_fit
 from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
 from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus, launched_by_torchrun
 from largebatch.engine.setup import setup
+from largebatch.optim.groups import ModulePartition
 
 
 def main(args):
@@ -70,13 +72,22 @@ def check_arguments(args):
                           f"{args.num_machines}: expected 0 to {args.num_machines - 1}")
 
 
-def check_weights_file(path):
-    """MODEL.WEIGHTS can be read (a truncated or foreign file fails here, not in every worker after start-up)."""
+def check_weights_file(cfg, eval_only=False):
+    """MODEL.WEIGHTS can be read (a truncated or foreign file fails here, not in every worker after start-up), and
+    fits the model, built here once on the CPU (``check_weights_fit``: weights of another architecture are refused;
+    a backbone-only checkpoint or other class-count layers are accepted, and said)."""
+    path = cfg.MODEL.WEIGHTS
     try:
-        DetectionCheckpointer(None)._load_file(path)  # the loader detectron2 itself uses: .pkl, .pyth, .pth
+        checkpoint = DetectionCheckpointer(None)._load_file(path)  # detectron2's own loader: .pkl, .pyth, .pth
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
         raise ConfigError(f"MODEL.WEIGHTS = {path!r} is not allowed: it cannot be read as a checkpoint "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    on_cpu = cfg.clone()
+    on_cpu.MODEL.DEVICE = "cpu"
+    model = LargeBatchTrainer.build_model(on_cpu, for_training=False)
+    note = check_weights_fit(model, checkpoint, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole=eval_only)
+    if note:
+        print(f"MODEL.WEIGHTS = {path!r}: {note}")
 
 
 def cli(argv=None):
@@ -95,7 +106,7 @@ def cli(argv=None):
             check_images(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))  # missing, unreadable, truncated
         resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
         if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not resuming:
-            check_weights_file(cfg.MODEL.WEIGHTS)
+            check_weights_file(cfg, eval_only=args.eval_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -330,10 +330,18 @@ def test_a_dist_url_port_in_use_is_one_line_at_once():
     assert "address already in use" in errors[0] and "Traceback" not in result.stderr
 
 
+def _model_state(*opts):
+    """The state dict of the shapes config's model (its initial weights), with ``opts`` applied."""
+    from helpers import make_config
+    from largebatch import LargeBatchTrainer
+
+    return LargeBatchTrainer.build_model(make_config(*opts), for_training=False).state_dict()
+
+
 def test_a_truncated_weights_file_fails_at_once_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     good = tmp_path / "good.pth"
-    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    torch.save({"model": _model_state()}, good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:200])
     cli_module = import_script("train_net.py")
@@ -405,3 +413,48 @@ def test_missing_images_of_a_builtin_dataset_fail_before_training(tmp_path):
         assert result.returncode == 2, result.stderr[-3000:]
         errors = result.stderr.strip().splitlines()
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("weights, eval_only, refused, message", [
+    # another architecture: refused with one line
+    (lambda: _model_state("MODEL.RESNETS.RES2_OUT_CHANNELS", 64), False, True,
+     "59 of its tensors have other shapes than this model's (first: backbone.fpn_lateral2.weight (64, 64, 1, 1) in "
+     "the file, (64, 32, 1, 1) in the model): weights of another architecture"),
+    (lambda: {"layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3), "fc.weight": torch.zeros(1000, 2048)}, False, True,
+     "it holds none of this model's backbone tensors (0 of its"),
+    (lambda: {k: v for k, v in _model_state().items() if "res5" not in k}, False, True,
+     "it lacks 9 of the backbone's 36 tensors (first: backbone.bottom_up.res5."),
+    (lambda: {k: v for k, v in _model_state().items() if k.startswith("backbone.bottom_up.")}, True, True,
+     "--eval-only needs every weight of the model"),
+    # accepted, and said why
+    (lambda: {k: v for k, v in _model_state().items() if k.startswith("backbone.bottom_up.")}, False, False,
+     "tensors of the fpn, rpn, box_head are not in it and start from their initialisation (a backbone-only"),
+    (lambda: _model_state("MODEL.ROI_HEADS.NUM_CLASSES", 80), False, False,
+     "fine-tuning: 4 class-count tensors have other shapes (roi_heads.box_predictor.cls_score.weight (81, "),
+    (lambda: _model_state(), True, False, None),
+], ids=["wider", "no-shared-keys", "shallower", "eval-only-backbone", "backbone-only", "other-classes", "same"])
+def test_weights_of_another_architecture_fail_before_training(weights, eval_only, refused, message, tmp_path, capsys,
+                                                              monkeypatch):
+    """detectron2 loads any of these with warnings only; a train_net run refuses another architecture with one line
+    (exit 2) and says why it accepts the cases detectron2 users rely on."""
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": weights()}, path)
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    argv = ["--config-file", CONFIG, *(["--eval-only"] if eval_only else []), "MODEL.WEIGHTS", str(path)]
+    if not refused:
+        cli_module.cli(argv)
+        said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MODEL.WEIGHTS = ")]
+        if message is None:
+            assert said == [], said
+        else:
+            assert len(said) == 1 and message in said[0], said
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: MODEL.WEIGHTS = {str(path)!r} is not allowed: ")
+    assert message in err, err

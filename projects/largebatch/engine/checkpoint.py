@@ -1,6 +1,7 @@
 """``AtomicCheckpointer``: detectron2's checkpointer whose files never exist half-written, and that holds every
 worker's random-generator states, so that ``--resume`` continues a run exactly; ``PeriodicCheckpointer``:
-detectron2's hook, which keeps the last ``max_to_keep`` checkpoints and writes none while the run is in trouble."""
+detectron2's hook, which keeps the last ``max_to_keep`` checkpoints and writes none while the run is in trouble;
+``check_weights_fit``: MODEL.WEIGHTS of another architecture refused before training."""
 import logging
 import os
 import random
@@ -13,9 +14,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..config import ConfigError
 from ..files import atomic_write
+from ..optim.groups import ModulePartition
 
-__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "rng_state", "set_rng_state"]
+__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "check_weights_fit", "rng_state", "set_rng_state"]
 logger = logging.getLogger("largebatch")
 
 
@@ -117,3 +120,55 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
         elif (iteration + 1) % self.period == 0:
             logger.warning("No checkpoint after iteration %d: %s", iteration, trouble)
 
+
+#: detectron2's layers whose shapes follow the number of classes (or keypoints): the ones fine-tuning replaces
+CLASS_COUNT_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.",
+                      "roi_heads.keypoint_head.score_lowres.", "sem_seg_head.predictor.", "head.cls_score.")
+
+
+def check_weights_fit(model, checkpoint: dict, path: str, partition: ModulePartition, whole: bool = False):
+    """Load ``checkpoint`` (as ``DetectionCheckpointer._load_file`` read it from ``path``) into ``model`` the way
+    detectron2 does (its name matching for .pkl files included), and refuse weights of another architecture with a
+    ConfigError (one line) where detectron2 would only warn:
+
+    - a tensor whose shape differs from the model's, except in the class-count layers (``CLASS_COUNT_LAYERS``):
+      fine-tuning to another number of classes, where detectron2 leaves them to their initialisation on purpose;
+    - a backbone the file holds none of (almost nothing in common), or only part of (another depth or variant).
+
+    Accepted, with the returned note saying why: the whole model; the backbone alone (an ImageNet checkpoint: FPN,
+    RPN and heads start from their initialisation); other class-count layers. Only parameters count as missing:
+    ImageNet .pkl files hold no BatchNorm statistics. ``whole`` (--eval-only): every tensor must load."""
+    incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
+    params = dict(model.named_parameters())
+    shapes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+    missing = [k for k in incompatible.missing_keys if k in params] + [k for k, _, _ in shapes if k in params]
+    backbone = [k for k in params if partition(k) == "backbone"]
+    lacking = [k for k in backbone if k in missing]
+
+    def refuse(why):
+        raise ConfigError(f"MODEL.WEIGHTS = {path!r} is not allowed: {why}")
+
+    foreign = [s for s in shapes if not s[0].startswith(CLASS_COUNT_LAYERS)]
+    if foreign:
+        k, theirs, ours = foreign[0]
+        refuse(f"{len(foreign)} of its tensors have other shapes than this model's (first: {k} {theirs} in the file, "
+               f"{ours} in the model): weights of another architecture")
+    if len(missing) == len(params) or (backbone and len(lacking) == len(backbone)):
+        refuse(f"it holds none of this model's backbone tensors ({len(params) - len(missing)} of its {len(params)} "
+               f"tensors in all; first missing: {(lacking or missing)[0]}): weights of another architecture")
+    if lacking:
+        refuse(f"it lacks {len(lacking)} of the backbone's {len(backbone)} tensors (first: {lacking[0]}): weights of "
+               "another architecture (another depth or variant)")
+    if whole and (missing or shapes):
+        refuse(f"--eval-only needs every weight of the model; {len(missing)} are not in it (first: {missing[0]})")
+    notes = []
+    if shapes:
+        k, theirs, ours = shapes[0]
+        notes.append(f"fine-tuning: {len(shapes)} class-count tensors have other shapes ({k} {theirs} in the file, "
+                     f"{ours} here: another number of classes) and start from their initialisation, as in detectron2")
+    others = [k for k in missing if k not in {s[0] for s in shapes}]
+    if others:
+        parts = ", ".join(dict.fromkeys(partition(k) for k in others))
+        notes.append(f"{len(others)} tensors of the {parts} are not in it and start from their initialisation (a "
+                     "backbone-only checkpoint, e.g. ImageNet pre-training)")
+    return "; ".join(notes) or None
