@@ -43,6 +43,7 @@ bench: setup
 
 study: setup
 	$(PYTHON) bench/large_batch_study.py
+	$(PYTHON) bench/syncbn_phi.py
 
 gpu-check: setup
 	bash tools/gpu_check.sh $(GPU_CHECK_DIR)

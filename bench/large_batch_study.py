@@ -16,7 +16,8 @@ Arms (one YAML each in configs/shapes/study/, whose comments say which paper's r
 and the gradient-variance runs (monitor only, no AGVM; not arms of the table):
 
     sgd_b256_linear MegDet's recipe at batch 256 = 64x (62 steps): AGVM Fig. 1 at 64x
-    sgd_b64_linear_bn  sgd_b64_linear with per-worker BN instead of SyncBN: the SyncBN Phi question
+    sgd_b64_linear_bn  sgd_b64_linear with per-worker BN instead of SyncBN (only with --arms: the SyncBN question
+                    is measured at equal weights and images by bench/syncbn_phi.py)
 
 Before the arms, the script writes the data (``--num-train`` / ``--num-val`` images of the embedded dataset's own
 generator, in ``--data-root``) and the pre-trained backbone (largebatch.modeling.pretrain, cached in
@@ -27,7 +28,7 @@ each arm's ``metrics.json`` and ``layer_stats.jsonl``, calls an arm that stopped
 FloatingPointError diverged (AP 0), and writes ``OUTPUT/study.md`` (markdown tables), ``OUTPUT/study.png`` (AP50
 and loss against epochs) and ``OUTPUT/grad_var.png`` (grad_var per part against epochs at each batch).
 
-    python bench/large_batch_study.py                      # everything, 5 epochs, 2 workers (~70 min on 2 cores)
+    python bench/large_batch_study.py                      # the default runs, 5 epochs, 2 workers
     python bench/large_batch_study.py --quick              # every run for 3 iterations on 256 images (~4 min)
     python bench/large_batch_study.py --arms sgd_b4,lars_b64
     python bench/large_batch_study.py --report-only        # rebuild tables + plots from OUTPUT
@@ -76,8 +77,10 @@ from largebatch.analysis.study import (
 from largebatch.files import atomic_write
 
 CONFIG_DIR = os.path.join("configs", "shapes", "study")
-ARMS = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "lars_b64", "lamb_b64", "pmdlamb_b64", "agvm_adamw_b64")
+# the baseline first (every comparison needs it), then the batch-64 arms, the 64x run last
+ARMS = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "pmdlamb_b64", "lars_b64", "lamb_b64", "agvm_adamw_b64")
 GRAD_VAR_RUNS = ("sgd_b256_linear", "sgd_b64_linear_bn")  # monitor-only runs for the figure / the SyncBN question
+DEFAULT_RUNS = ARMS + ("sgd_b256_linear",)  # the per-worker-BN run on request (bench/syncbn_phi.py measures BN)
 FIGURE_BATCHES = ("sgd_b4", "sgd_b64_linear", "sgd_b256_linear")  # AGVM Fig. 1: 1x, 16x, 64x, no AGVM
 DATA_NAMES = ("shapes_study_train", "shapes_study_val")
 QUICK = {"num_train": 256, "num_val": 64, "pretrain_images": 512, "pretrain_epochs": 1, "max_iter": 3}
@@ -279,7 +282,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, help="study directory (default output/study, --quick: output/study_quick)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per arm (SOLVER.MAX_ITER; default 5)")
     p.add_argument("--eval-period", type=int, default=1, help="evaluate every this many epochs (and at the end)")
-    p.add_argument("--arms", default=",".join(known), help=f"comma-separated runs (default: all): {', '.join(known)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_RUNS),
+                   help=f"comma-separated runs (default: {', '.join(DEFAULT_RUNS)}); known: {', '.join(known)}")
     p.add_argument("--num-workers", type=int, default=2, help="CPU workers (train_net.py --num-gpus; default 2)")
     p.add_argument("--num-train", type=int, default=3200, help="training images of the study's split (default 3200)")
     p.add_argument("--num-val", type=int, default=512, help="validation images (default 512)")

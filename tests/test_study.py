@@ -36,7 +36,7 @@ EXPECTED = {
     "sgd_b256_linear": ("SGD", 256, 0.32, 20),
     "sgd_b64_linear_bn": ("SGD", 64, 0.08, 80),
 }
-KNOWN = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "lars_b64", "lamb_b64", "pmdlamb_b64", "agvm_adamw_b64",
+KNOWN = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "pmdlamb_b64", "lars_b64", "lamb_b64", "agvm_adamw_b64",
          "sgd_b256_linear", "sgd_b64_linear_bn")
 
 
