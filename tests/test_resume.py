@@ -255,10 +255,11 @@ def test_checkpoints_to_keep_is_checked(make_config):
 
 @pytest.mark.slow
 def test_resume_after_an_explosion_starts_from_a_checkpoint_before_the_trouble(tmp_path):
-    """BASE_LR 0.3 on the shapes data, a checkpoint every iteration, the last 3 kept: the step of iteration 10 takes
-    a gradient 9x its median (not enough to stop) and the guard stops iteration 11 (loss 28x). The checkpoint of
-    iteration 10 holds those weights: it is not written, and --resume with a lower BASE_LR continues from 9."""
-    opts = ["SOLVER.IMS_PER_BATCH", "16", "SOLVER.WARMUP_ITERS", "50", "SOLVER.STEPS", "()",
+    """BASE_LR 0.3 on the shapes data (SEED 1), a checkpoint every iteration, the last 3 kept: the steps of
+    iterations 9 and 10 take gradients 5.1x and 6.6x their median (not enough to stop) and the guard stops iteration
+    11. Their checkpoints would hold the weights those steps made: they are not written, and --resume with a lower
+    BASE_LR continues from 8."""
+    opts = ["SEED", "1", "SOLVER.IMS_PER_BATCH", "16", "SOLVER.WARMUP_ITERS", "50", "SOLVER.STEPS", "()",
             "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.CHECKPOINTS_TO_KEEP", "3", "DATASETS.TEST", "()",
             "MONITOR.PERIOD", "1", "MONITOR.DIVERGENCE_FACTOR", "0.0", "OUTPUT_DIR", str(tmp_path)]
     args = ["train_net.py", "--config-file", "configs/shapes/sgd.yaml", *opts]
@@ -275,3 +276,40 @@ def test_resume_after_an_explosion_starts_from_a_checkpoint_before_the_trouble(t
                          "SOLVER.MAX_ITER", str(stopped + 3))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Starting training from iteration {resumed_from['iteration'] + 1}" in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_within_its_shutdown_timeout(tmp_path, free_port):
+    """torchrun forwards SIGTERM to its workers and kills them --shutdown-timeout seconds later (default 30): the
+    workers finish their step, write a checkpoint and exit within it, and --resume continues."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, script_env
+
+    common = ["--config-file", "configs/shapes/sgd.yaml", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.CHECKPOINT_PERIOD",
+              "1000", "DATASETS.TEST", "()", "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(free_port), "train_net.py", *common,
+                             "SOLVER.MAX_ITER", "500"],
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    records = tmp_path / "layer_stats.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until iteration 2 is recorded
+        if records.exists() and any(json.loads(line).get("iter", -1) >= 2
+                                    for line in records.read_text().splitlines()[1:] if line.endswith("}")):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert "Stopped by a stop signal (SIGTERM / SIGUSR1) after iteration" in log, log[-3000:]
+    assert "forcefully exiting" not in log, log[-3000:]  # torchrun did not have to kill them after its grace period
+    iteration = torch.load(tmp_path / (tmp_path / "last_checkpoint").read_text().strip(), map_location="cpu",
+                           weights_only=False)["iteration"]
+    resumed = run_python("train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--resume", *common,
+                         "SOLVER.MAX_ITER", str(iteration + 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {iteration + 1}" in resumed.stdout + resumed.stderr

@@ -458,3 +458,10 @@ def test_weights_of_another_architecture_fail_before_training(weights, eval_only
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: MODEL.WEIGHTS = {str(path)!r} is not allowed: ")
     assert message in err, err
+
+
+def test_base_lr_0_is_accepted_and_said(make_config, caplog):
+    """Allowed on purpose (README: runs that measure with the weights fixed), but never silently."""
+    with caplog.at_level("WARNING", logger="largebatch"):
+        assert make_config("SOLVER.BASE_LR", 0.0).SOLVER.BASE_LR == 0
+    assert "SOLVER.BASE_LR is 0: the weights will not change" in caplog.text

@@ -381,7 +381,10 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         logger.warning("MODEL.DEVICE=%s but no GPU is available: training on CPU, %d gloo worker(s)",
                        cfg.MODEL.DEVICE, num_workers)
         cfg.MODEL.DEVICE = "cpu"
-    return validate(cfg, num_workers)
+    validate(cfg, num_workers)
+    if cfg.SOLVER.BASE_LR == 0:  # allowed on purpose (README): a run that measures without changing the weights
+        logger.warning("SOLVER.BASE_LR is 0: the weights will not change (BatchNorm statistics still do)")
+    return cfg
 
 
 def _all_keys(node, prefix=""):
