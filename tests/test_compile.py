@@ -188,3 +188,17 @@ def test_solver_compile_step_with_agvm_and_clipping_gives_the_eager_run(name):
             assert 1 <= counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_on_cpu_keeps_a_float_lr_and_the_config_refuses_compiling_it():
+    """torch's compiled AdamW takes a tensor LR only with capturable (GPU params): on the CPU compile_step leaves
+    the float, and SOLVER.COMPILE_STEP with ADAMW on cpu is one line before training (each new LR recompiles)."""
+    from largebatch.config import ConfigError
+    from largebatch.optim.compile import supports_tensor_lr
+
+    params = make_params(torch.float32)
+    assert not supports_tensor_lr(torch.optim.AdamW(params, lr=0.01))
+    assert supports_tensor_lr(torch.optim.SGD(params, lr=0.01)) and supports_tensor_lr(LAMB(params, lr=0.01))
+    with pytest.raises(ConfigError, match="SOLVER.COMPILE_STEP.*ADAMW"):
+        make_config("SOLVER.OPTIMIZER", "ADAMW", "SOLVER.COMPILE_STEP", True, "MODEL.DEVICE", "cpu")
+    make_config("SOLVER.OPTIMIZER", "LAMB", "SOLVER.COMPILE_STEP", True, "MODEL.DEVICE", "cpu")  # accepted

@@ -231,8 +231,12 @@ def validate(cfg, num_workers=None):
     builders call it on the configs they are given. ``num_workers`` (when known) adds the checks that depend on
     the number of workers."""
     s = cfg.SOLVER
-    device_kind(cfg.MODEL.DEVICE)
+    device = device_kind(cfg.MODEL.DEVICE)
     choice(s.OPTIMIZER, "SOLVER.OPTIMIZER", OPTIMIZERS, case_insensitive=True)
+    if s.COMPILE_STEP and str(s.OPTIMIZER).upper() == "ADAMW" and device == "cpu":
+        # torch's compiled AdamW takes a tensor LR only on GPUs: on the CPU every new LR value is a new graph
+        fail("SOLVER.COMPILE_STEP", s.COMPILE_STEP, "not with SOLVER.OPTIMIZER ADAMW on MODEL.DEVICE cpu (torch's "
+             "compiled AdamW recompiles at every new LR there); set it False, or train on cuda")
     choice(s.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
     choice(s.LR_SCALING.RULE, "SOLVER.LR_SCALING.RULE", LR_SCALING_RULES)
     choice(s.SCHEDULE_UNIT, "SOLVER.SCHEDULE_UNIT", SCHEDULE_UNITS)

@@ -14,12 +14,15 @@ Plain PyTorch: no detectron2 import.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["compile_step", "is_compiled_step"]
+__all__ = ["compile_step", "is_compiled_step", "supports_tensor_lr"]
 
 
-def compile_step(optimizer: torch.optim.Optimizer, **compile_kwargs) -> torch.optim.Optimizer:
+def compile_step(optimizer: torch.optim.Optimizer, tensor_lr: Optional[bool] = None, **compile_kwargs
+                 ) -> torch.optim.Optimizer:
     """Make ``optimizer.step()`` run its class's step compiled (``compile_kwargs`` go to ``torch.compile``).
 
     The optimizer's class becomes a subclass of its own (as detectron2's gradient clipping does), so wrappers
@@ -32,16 +35,23 @@ def compile_step(optimizer: torch.optim.Optimizer, **compile_kwargs) -> torch.op
     call each group's float ``"lr"`` is copied into a persistent CPU tensor of that group (float32) and put in its
     place; afterwards the float is back. Schedulers, AGVM, hooks and checkpoints see the floats they always see,
     and a checkpoint is the same with or without compilation. A group whose ``"lr"`` is already a tensor keeps it.
+    ``tensor_lr=None``: so for every optimizer that takes a tensor LR in its compiled step, i.e. all but torch's
+    Adam / AdamW on the CPU (their multi-tensor step takes one only with ``capturable``, which dynamo turns on for
+    GPU params alone): those keep the float, and each new LR value costs a new graph (``supports_tensor_lr``).
     """
     cls = type(optimizer)
     if is_compiled_step(optimizer):
         return optimizer
+    if tensor_lr is None:
+        tensor_lr = supports_tensor_lr(optimizer)
     eager_step = cls.step
     compiled = torch.compile(eager_step, **compile_kwargs)
 
     def step(self, closure=None):
         if closure is not None:
             return eager_step(self, closure)
+        if not tensor_lr:
+            return compiled(self)
         groups = self.param_groups
         tensors = self.__dict__.setdefault("_compiled_step_lrs", [])
         while len(tensors) < len(groups):  # groups added after compile_step get their own tensor too
@@ -67,3 +77,11 @@ def is_compiled_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``compile_step`` was applied to ``optimizer`` (or to the optimizer an AGVM wrapper holds)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return bool(getattr(type(inner), "_largebatch_compiled_step", False))
+
+
+def supports_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the compiled step of ``optimizer`` takes a tensor LR: torch's Adam / AdamW only with every param on
+    a GPU (dynamo sets ``capturable`` there); every other optimizer (SGD, LARS, LAMB, PMD-LAMB) always."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return all(p.is_cuda for g in optimizer.param_groups for p in g["params"])
+    return True
