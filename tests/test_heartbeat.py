@@ -16,13 +16,13 @@ import torch.distributed as dist
 from helpers import REPO, SHAPES_CONFIG, script_env
 from largebatch.engine.heartbeat import PEER_LOST_EXIT_CODE, Heartbeat, post_verdict
 
-TIMEOUT, INTERVAL = 1.0, 0.1
+TIMEOUT, INTERVAL = 2.0, 0.1  # generous: the suite shares 2 busy cores
 
 
-def _workers(world_size, store=None, workers_per_machine=1):
+def _workers(world_size, store=None, workers_per_machine=1, interval=INTERVAL, timeout=TIMEOUT):
     store = store or dist.TCPStore("127.0.0.1", 0, world_size, True, timedelta(seconds=10), wait_for_workers=False)
     verdicts = {}
-    beats = [Heartbeat(store, r, world_size, workers_per_machine, timeout=TIMEOUT, interval=INTERVAL,
+    beats = [Heartbeat(store, r, world_size, workers_per_machine, timeout=timeout, interval=interval,
                        on_verdict=lambda message, r=r: verdicts.setdefault(r, message)) for r in range(world_size)]
     return store, [b.start() for b in beats], verdicts
 
@@ -40,7 +40,7 @@ def test_a_worker_that_stops_beating_is_named_to_every_other_worker():
     beats[3]._stop.set()  # as kill -9: no "done", no more beats
     assert _wait(lambda: len(verdicts) == 3, 10 * TIMEOUT), verdicts
     assert sorted(verdicts) == [0, 1, 2]
-    assert all(v.startswith("rank 3 (machine 1) stopped responding: no heartbeat for 1 s") for v in verdicts.values())
+    assert all(v.startswith("rank 3 (machine 1) stopped responding: no heartbeat for 2 s") for v in verdicts.values())
 
 
 def test_a_failed_worker_stops_the_others_at_once():
@@ -48,6 +48,18 @@ def test_a_failed_worker_stops_the_others_at_once():
     beats[1].finish("RuntimeError: out of memory")
     assert _wait(lambda: len(verdicts) == 2, 5 * TIMEOUT), verdicts
     assert verdicts[0] == verdicts[2] == "rank 1 (machine 1) failed: RuntimeError: out of memory: stopping every worker"
+
+
+def test_workers_that_fail_alike_each_end_with_their_own_error():
+    """A divergence raises on every worker at once: none is stopped with another's error instead of its own."""
+    store, beats, verdicts = _workers(3, interval=0.5, timeout=5.0)  # a beat of grace: 0.5 s
+    time.sleep(1.0)
+    beats[2].finish("FloatingPointError: Training diverged at iteration 9")
+    assert _wait(lambda: store.check(["largebatch/heartbeat/verdict"]), 5 * TIMEOUT)  # rank 0 saw it: the others'
+    beats[1].finish("FloatingPointError: Training diverged at iteration 9")  # own errors come within a beat
+    beats[0].finish("FloatingPointError: Training diverged at iteration 9")
+    time.sleep(2.0)
+    assert not verdicts, verdicts
 
 
 def test_workers_that_end_normally_get_no_verdict_and_rank_0_waits_for_them():
@@ -85,7 +97,7 @@ def test_a_worker_that_loses_the_store_names_rank_0():
         assert not verdicts
         host.kill()
         assert _wait(lambda: verdicts, 10 * TIMEOUT), "no verdict"
-        assert verdicts[1].startswith("rank 0 (machine 0), which holds the store at here, cannot be reached for 1 s")
+        assert verdicts[1].startswith("rank 0 (machine 0), which holds the store at here, cannot be reached for 2 s")
         assert beat.await_verdict(0) == verdicts[1]
     finally:
         host.kill()

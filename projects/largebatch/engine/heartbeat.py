@@ -124,6 +124,10 @@ class Heartbeat:
                 continue
             self._last_contact = time.monotonic()
             if verdict is not None:
+                # a worker that failed on its own (a divergence raises on every worker at once): one beat for this
+                # worker to end with the same error of its own before it is stopped with the other's
+                if " failed: " in verdict and self._stop.wait(self.interval):
+                    return
                 self._decide(verdict)
                 return
 

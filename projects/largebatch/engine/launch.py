@@ -272,7 +272,7 @@ def _distributed_worker(
         # this process) within its timeout; an error of this worker's own stops the others at once
         if is_communication_error(e) and heartbeat.await_verdict() is not None:
             raise
-        heartbeat.finish(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        heartbeat.finish(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:1000]}")
         raise
     heartbeat.finish()
 
