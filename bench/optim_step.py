@@ -167,6 +167,14 @@ def candidates(args):
     return c
 
 
+# issue 11's goals: (row, baseline: "eager" = the fastest eager torch variant of its algorithm, "fused" = torch's
+# fused kernel, the most it may take); LAMB's floor is ~1.4x AdamW's (10 against 7 tensor passes)
+GOALS = [
+    ("LARS foreach", "eager", 1.2), ("LAMB foreach", "eager", 1.2), ("PMD-LAMB foreach", "eager", 1.2),
+    ("LARS compiled", "fused", 1.2), ("LAMB compiled", "fused", 2.0), ("PMD-LAMB compiled", "fused", 2.0),
+]
+
+
 def memory_bandwidth(n, device, dtype, sync, repeats=7) -> float:
     """Bytes per second this machine moves through memory in an in-place elementwise update of n-element tensors,
     as an optimizer step does: the best of ``a += b`` (reads a, b, writes a) and ``a += b * c`` (reads a, b, c,
@@ -287,6 +295,22 @@ def main(argv=None):
     print(harness.markdown_table(
         ["optimizer", "median ms/step", "min ms/step", "vs fastest eager torch", "(that is)", "vs torch fused",
          "vs fastest torch", "(that is)", "floor ms", "x floor", "compile s"], rows, right=(1, 2, 3, 5, 6, 8, 9, 10)))
+    print("\ngoals (issue 11):")
+    for name, against, limit in GOALS:
+        r = by_name.get(name)
+        if r is None:
+            continue
+        if against == "eager":
+            peers = [by_name[n] for n in EAGER[r["kind"]] if n in by_name]
+            baseline = min(peers, key=lambda b: statistics.median(b["times"])) if peers else None
+        else:
+            baseline = by_name.get(FUSED[r["kind"]])
+        if baseline is None:
+            continue
+        ratio = statistics.median(t / u for t, u in zip(r["times"], baseline["times"]))
+        floor_ratio = floor_ms(name, 1, 1, 1) / floor_ms(baseline["name"], 1, 1, 1)
+        verdict = "met" if ratio <= limit else f"missed by {ratio / limit - 1:.0%}"
+        print(f"  {name} <= {limit}x {baseline['name']}: {ratio:.2f}x, {verdict} (memory floors: {floor_ratio:.2f}x)")
     harness.write_json(args.json, {"device": args.device, "dtype": args.dtype, "clock": args.clock,
                                    "memory_bandwidth_bytes_per_s": bandwidth,
                                    "steps": args.steps, "ms_per_step": {r["name"]: r["times"] for r in runs},

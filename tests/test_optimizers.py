@@ -458,6 +458,26 @@ def test_complex_parameters_are_refused_by_name(cls):
         cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=0.1)
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+def test_lars_on_complex_parameters_is_lars_on_their_real_view(foreach):
+    """LARS is SGD with a per-tensor factor: on a complex tensor it equals LARS on ``view_as_real`` (same norms,
+    same update), as torch's SGD does; its local LRs are real."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, dtype=torch.complex128, generator=gen).requires_grad_()
+    w_real = torch.view_as_real(w.detach().clone()).requires_grad_()
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=0.02, foreach=foreach)
+    opt, opt_real = LARS([w], **kwargs), LARS([w_real], **kwargs)
+    for _ in range(5):
+        g = torch.randn(5, 3, dtype=torch.complex128, generator=gen)
+        w.grad, w_real.grad = g.clone(), torch.view_as_real(g).clone()
+        opt.step()
+        opt_real.step()
+        (ratio,), (ratio_real,) = opt.last_trust_ratios(), opt_real.last_trust_ratios()
+        assert ratio.dtype == torch.float64
+        torch.testing.assert_close(ratio, ratio_real, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.view_as_real(w.detach()), w_real.detach(), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("cls", [LARS, LAMB, PMDLAMB])
 def test_a_refused_param_group_is_not_added(cls):
     opt = cls([torch.zeros(3, requires_grad=True)], lr=0.1)

@@ -47,13 +47,15 @@ Scalar = Union[float, Tensor]
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms of float16/bfloat16 tensors are accumulated and returned in float32 (a float16 norm of a
-    large layer overflows at 65504); other dtypes keep their own."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+    large layer overflows at 65504); other dtypes keep their own, complex ones their real counterpart."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype.to_real()
 
 
 def tensor_norm(t: Tensor) -> Tensor:
     """L2 norm of one tensor as a 0-dim tensor (float32 for half/bfloat16)."""
-    return torch.linalg.vector_norm(t, 2, dtype=norm_dtype(t.dtype))
+    if t.dtype in _LOW_PRECISION:
+        return torch.linalg.vector_norm(t, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, 2)  # complex: a real norm
 
 
 def foreach_norms(tensors: List[Tensor]) -> Tensor:
