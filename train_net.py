@@ -72,22 +72,35 @@ def check_arguments(args):
                           f"{args.num_machines}: expected 0 to {args.num_machines - 1}")
 
 
-def check_weights_file(cfg, eval_only=False):
-    """MODEL.WEIGHTS can be read (a truncated or foreign file fails here, not in every worker after start-up), and
-    fits the model, built here once on the CPU (``check_weights_fit``: weights of another architecture are refused;
-    a backbone-only checkpoint or other class-count layers are accepted, and said)."""
-    path = cfg.MODEL.WEIGHTS
+def check_weights_file(cfg, path, whole=False, key="MODEL.WEIGHTS"):
+    """The checkpoint at ``path`` can be read (a truncated or foreign file fails here, not in every worker after
+    start-up), and fits the model, built here once on the CPU (``check_weights_fit``: weights of another
+    architecture are refused; a backbone-only checkpoint or other class-count layers are accepted, and said)."""
     try:
         checkpoint = DetectionCheckpointer(None)._load_file(path)  # detectron2's own loader: .pkl, .pyth, .pth
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
-        raise ConfigError(f"MODEL.WEIGHTS = {path!r} is not allowed: it cannot be read as a checkpoint "
+        raise ConfigError(f"{key} = {path!r} is not allowed: it cannot be read as a checkpoint "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     on_cpu = cfg.clone()
     on_cpu.MODEL.DEVICE = "cpu"
     model = LargeBatchTrainer.build_model(on_cpu, for_training=False)
-    note = check_weights_fit(model, checkpoint, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole=eval_only)
+    note = check_weights_fit(model, checkpoint, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole, key)
     if note:
-        print(f"MODEL.WEIGHTS = {path!r}: {note}")
+        print(f"{key} = {path!r}: {note}")
+
+
+def resumed_checkpoint(cfg):
+    """The checkpoint --resume continues from (OUTPUT_DIR/last_checkpoint names it), or None when there is none."""
+    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return None
+    with open(tag) as f:
+        name = f.read().strip()
+    path = os.path.join(cfg.OUTPUT_DIR, name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: {tag} names {name!r}, which is not a file: write the name of one of the "
+                          "checkpoints in OUTPUT_DIR into it (or start in a new OUTPUT_DIR)")
+    return path
 
 
 def cli(argv=None):
@@ -104,9 +117,11 @@ def cli(argv=None):
         register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
         if not launched_by_torchrun() or os.environ["LOCAL_RANK"] == "0":  # once per machine
             check_images(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))  # missing, unreadable, truncated
-        resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-        if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not resuming:
-            check_weights_file(cfg, eval_only=args.eval_only)
+        resumed = resumed_checkpoint(cfg) if args.resume else None
+        if resumed is not None:  # the run's own checkpoint: all of it must fit (another config's OUTPUT_DIR?)
+            check_weights_file(cfg, resumed, whole=True, key="--resume: the last checkpoint")
+        elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
+            check_weights_file(cfg, cfg.MODEL.WEIGHTS, whole=args.eval_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

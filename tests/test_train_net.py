@@ -425,7 +425,7 @@ def test_missing_images_of_a_builtin_dataset_fail_before_training(tmp_path):
     (lambda: {k: v for k, v in _model_state().items() if "res5" not in k}, False, True,
      "it lacks 9 of the backbone's 36 tensors (first: backbone.bottom_up.res5."),
     (lambda: {k: v for k, v in _model_state().items() if k.startswith("backbone.bottom_up.")}, True, True,
-     "--eval-only needs every weight of the model"),
+     "every weight of the model is needed; 30 are not in it (first: backbone.fpn_lateral2.weight)"),
     # accepted, and said why
     (lambda: {k: v for k, v in _model_state().items() if k.startswith("backbone.bottom_up.")}, False, False,
      "tensors of the fpn, rpn, box_head are not in it and start from their initialisation (a backbone-only"),
@@ -465,3 +465,27 @@ def test_base_lr_0_is_accepted_and_said(make_config, caplog):
     with caplog.at_level("WARNING", logger="largebatch"):
         assert make_config("SOLVER.BASE_LR", 0.0).SOLVER.BASE_LR == 0
     assert "SOLVER.BASE_LR is 0: the weights will not change" in caplog.text
+
+
+def test_resume_from_a_folder_of_another_run_fails_before_training(tmp_path, capsys, monkeypatch):
+    """--resume on an OUTPUT_DIR whose last_checkpoint names a file that is gone, or a checkpoint of another
+    architecture (the folder of another config): one line each, before any worker starts."""
+    monkeypatch.chdir(REPO)
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    argv = ["--resume", "--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path)]
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    torch.save({"model": _model_state("MODEL.RESNETS.RES2_OUT_CHANNELS", 64), "iteration": 9},
+               tmp_path / "model_0000004.pth")
+    for message in (f"--resume: {tmp_path / 'last_checkpoint'} names 'model_0000009.pth', which is not a file",
+                    f"--resume: the last checkpoint = '{tmp_path / 'model_0000004.pth'}' is not allowed: 59 of its "
+                    "tensors have other shapes than this model's"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_module.cli(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+        (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    torch.save({"model": _model_state(), "iteration": 4}, tmp_path / "model_0000004.pth")
+    cli_module.cli(argv)  # the run's own checkpoint

@@ -126,7 +126,8 @@ CLASS_COUNT_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor
                       "roi_heads.keypoint_head.score_lowres.", "sem_seg_head.predictor.", "head.cls_score.")
 
 
-def check_weights_fit(model, checkpoint: dict, path: str, partition: ModulePartition, whole: bool = False):
+def check_weights_fit(model, checkpoint: dict, path: str, partition: ModulePartition, whole: bool = False,
+                      key: str = "MODEL.WEIGHTS"):
     """Load ``checkpoint`` (as ``DetectionCheckpointer._load_file`` read it from ``path``) into ``model`` the way
     detectron2 does (its name matching for .pkl files included), and refuse weights of another architecture with a
     ConfigError (one line) where detectron2 would only warn:
@@ -137,7 +138,8 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
 
     Accepted, with the returned note saying why: the whole model; the backbone alone (an ImageNet checkpoint: FPN,
     RPN and heads start from their initialisation); other class-count layers. Only parameters count as missing:
-    ImageNet .pkl files hold no BatchNorm statistics. ``whole`` (--eval-only): every tensor must load."""
+    ImageNet .pkl files hold no BatchNorm statistics. ``whole`` (--eval-only, --resume): every tensor must load.
+    ``key`` names the file's origin in the message."""
     incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
     params = dict(model.named_parameters())
     shapes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
@@ -146,7 +148,7 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
     lacking = [k for k in backbone if k in missing]
 
     def refuse(why):
-        raise ConfigError(f"MODEL.WEIGHTS = {path!r} is not allowed: {why}")
+        raise ConfigError(f"{key} = {path!r} is not allowed: {why}")
 
     foreign = [s for s in shapes if not s[0].startswith(CLASS_COUNT_LAYERS)]
     if foreign:
@@ -160,7 +162,7 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
         refuse(f"it lacks {len(lacking)} of the backbone's {len(backbone)} tensors (first: {lacking[0]}): weights of "
                "another architecture (another depth or variant)")
     if whole and (missing or shapes):
-        refuse(f"--eval-only needs every weight of the model; {len(missing)} are not in it (first: {missing[0]})")
+        refuse(f"every weight of the model is needed; {len(missing)} are not in it (first: {missing[0]})")
     notes = []
     if shapes:
         k, theirs, ours = shapes[0]
