@@ -28,6 +28,7 @@ from .trust_ratio import (
     group_by_device_and_dtype,
     norm_dtype,
     safe_ratio,
+    scalar_arg,
     scaled_lists,
     step_dtype,
     sub_scaled_,
@@ -166,12 +167,15 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
     grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, buffers])
     for (b_params, b_grads, b_m, b_v, b_buffers), pos in grouped:
         dtype, device = b_params[0].dtype, b_params[0].device
+        if isinstance(c.m_decay, Tensor):  # compiling: the scalars in the bucket's dtype (a float64 scalar tensor
+            # in a float32 foreach op is read back to the host: a graph break)
+            c = LambCoefficients(*(x.to(dtype) if isinstance(x, Tensor) else x for x in c))
         if not isinstance(c.m_decay, Tensor) and c.m_decay == beta1:
             torch._foreach_lerp_(b_m, b_grads, 1 - beta1)  # b1*m + (1-b1)*g in one pass
         else:
-            torch._foreach_mul_(b_m, c.m_decay)
+            torch._foreach_mul_(b_m, scalar_arg(c.m_decay, len(b_m)))
             torch._foreach_add_(b_m, b_grads, alpha=1 - beta1)
-        torch._foreach_mul_(b_v, c.v_decay)
+        torch._foreach_mul_(b_v, scalar_arg(c.v_decay, len(b_v)))
         torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1 - beta2)
 
         # r = k * m / denom, denom = sqrt(v + eps_in) * denom_scale + eps_out
@@ -188,7 +192,7 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
                 torch._foreach_add_(u, c.eps_in)
             torch._foreach_sqrt_(u)
             if not (scalar_k and denom_scale == 1.0):
-                torch._foreach_mul_(u, denom_scale)
+                torch._foreach_mul_(u, scalar_arg(denom_scale, len(u)))
             _add_eps(u, eps_out)
             # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
             torch._foreach_div_(u, b_m)
@@ -204,7 +208,7 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
             else:
                 denom = torch._foreach_sqrt(b_v)
             if not (scalar_k and denom_scale == 1.0):
-                torch._foreach_mul_(denom, denom_scale)
+                torch._foreach_mul_(denom, scalar_arg(denom_scale, len(denom)))
             _add_eps(denom, eps_out)
             if wd != 0 and dtype != torch.float16 and scalar_k:
                 # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
@@ -230,7 +234,7 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
 
 def _add_eps(tensors: List[Tensor], eps: Scalar) -> None:
     if isinstance(eps, Tensor) or eps != 0:
-        torch._foreach_add_(tensors, eps)
+        torch._foreach_add_(tensors, scalar_arg(eps, len(tensors)))
 
 
 class _LambBase(TrustRatioOptimizer):

@@ -34,6 +34,7 @@ __all__ = [
     "group_by_device_and_dtype",
     "default_foreach",
     "step_dtype",
+    "scalar_arg",
     "axpy_",
     "sub_scaled_",
 ]
@@ -48,7 +49,11 @@ Scalar = Union[float, Tensor]
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms of float16/bfloat16 tensors are accumulated and returned in float32 (a float16 norm of a
     large layer overflows at 65504); other dtypes keep their own, complex ones their real counterpart."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype.to_real()
+    return torch.float32 if dtype in _LOW_PRECISION else _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
+# (dtype.to_real() would do, but dynamo cannot trace it)
+_REAL_OF_COMPLEX = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def tensor_norm(t: Tensor) -> Tensor:
@@ -61,6 +66,10 @@ def tensor_norm(t: Tensor) -> Tensor:
 def foreach_norms(tensors: List[Tensor]) -> Tensor:
     """L2 norms of same-device, same-dtype tensors as one 1-D tensor (one fused multi-tensor reduction)."""
     dtype = tensors[0].dtype
+    if torch.compiler.is_compiling():
+        # one reduction per tensor, which inductor fuses with the ops that produce the tensor (it runs
+        # _foreach_norm as an opaque kernel: the tensor would be written out and read back)
+        return torch.stack([tensor_norm(t) for t in tensors])
     if dtype in _LOW_PRECISION:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     else:
@@ -266,6 +275,13 @@ class TrustRatioOptimizer(Optimizer):
             nan = torch.full((), float("nan"), dtype=dtype, device=device)
             entries = [nan if e is None else e for e in entries]
         return torch.stack(entries)  # type: ignore[arg-type]
+
+
+def scalar_arg(value: Scalar, n: int):
+    """A scalar for a ``_foreach`` op over n tensors: a number as it is, a 0-dim tensor (a coefficient traced by
+    torch.compile) as n references to it, so that the list overload takes it (dynamo reads a tensor given to the
+    scalar overload back to the host: a graph break)."""
+    return [value] * n if isinstance(value, Tensor) else value
 
 
 def axpy_(xs: List[Tensor], ys: List[Tensor], a) -> None:
