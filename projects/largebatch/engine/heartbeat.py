@@ -3,12 +3,13 @@
 collective until its own timeout (30 min) runs out.
 
 It runs through the TCPStore of the rendezvous (``launch._rendezvous``, hosted by rank 0), on a connection of its
-own, in a daemon thread per worker:
+own, in two daemon threads per worker (one beats, one watches the time since the store last answered):
 
 - every worker adds 1 to its counter every ``interval`` seconds, and reads the one verdict key;
 - rank 0 also reads all counters at once (one ``multi_get``) and, when one has not moved for ``timeout`` seconds
   (a killed process, a lost machine, a process that cannot run for that long), writes the verdict naming it;
-- a worker that ends sets its counter to "done", or to "failed: <its error>": a failure is a verdict at once;
+- a worker that ends sets its counter to "done", or to "failed: <its error>": a failure is the verdict, acted on
+  after one more beat (a worker that fails alike meanwhile ends with its own error);
 - a worker that cannot reach the store for ``timeout`` seconds names rank 0, which hosts it (machine 0 gone).
 
 On a verdict the thread prints it (``error: ...``) and ends the process with ``PEER_LOST_EXIT_CODE``: the main
@@ -23,6 +24,8 @@ import time
 from datetime import timedelta
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "PEER_LOST_EXIT_CODE", "Heartbeat", "describe_rank", "is_communication_error",
            "post_verdict"]
 
@@ -36,8 +39,6 @@ logger = logging.getLogger("largebatch")
 def is_communication_error(error: BaseException) -> bool:
     """A collective or store failure, typically the echo of a peer that died (gloo: "Connection reset by peer";
     NCCL: a DistBackendError); not the error that a worker raised on its own."""
-    import torch.distributed as dist
-
     text = str(error)
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "Connection", "connection")))
@@ -50,8 +51,6 @@ def describe_rank(rank: int, workers_per_machine: int) -> str:
 def post_verdict(host: str, port: int, message: str) -> bool:
     """Tell every worker of the run, through the store at ``host:port``, to stop with ``message`` (the first verdict
     stays); False if the store cannot be reached (its host, rank 0, is gone too)."""
-    import torch.distributed as dist
-
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
         store.compare_set(f"{_PREFIX}/verdict", "", message)
@@ -159,8 +158,8 @@ class Heartbeat:
         return self.verdict
 
     def finish(self, failure: Optional[str] = None) -> None:
-        """This worker ended: "done", or "failed: <failure>" (the others stop at once). Rank 0, which hosts the store,
-        waits (at most ``timeout``) for the others to end, so that none of them loses the store while it finishes."""
+        """This worker ended: "done", or "failed: <failure>" (the others stop within two beats). Rank 0, which hosts
+        the store, waits (at most ``timeout``) for the others to end, so none of them loses the store while it ends."""
         self._stop.set()
         try:
             self.store.set(self._key, f"failed: {failure}" if failure else "done")
