@@ -43,6 +43,15 @@ def test_a_worker_that_stops_beating_is_named_to_every_other_worker():
     assert all(v.startswith("rank 3 (machine 1) stopped responding: no heartbeat for 2 s") for v in verdicts.values())
 
 
+def test_the_workers_of_a_lost_machine_are_named_together():
+    _, beats, verdicts = _workers(4, workers_per_machine=2)
+    time.sleep(3 * INTERVAL)
+    beats[2]._stop.set()
+    beats[3]._stop.set()
+    assert _wait(lambda: 0 in verdicts, 10 * TIMEOUT), verdicts
+    assert verdicts[0].startswith("rank 2 (machine 1), rank 3 (machine 1) stopped responding"), verdicts
+
+
 def test_a_failed_worker_stops_the_others_at_once():
     _, beats, verdicts = _workers(3)
     beats[1].finish("RuntimeError: out of memory")

@@ -133,15 +133,18 @@ class Heartbeat:
     def _watch(self, values, last_values, last_change) -> Optional[str]:
         """Rank 0: the verdict on the counters (None: every worker alive or done)."""
         now = time.monotonic()
+        silent = []
         for rank, value in enumerate(v.decode() for v in values):
             if value.startswith("failed: "):
                 return f"{self.who(rank)} {value}: stopping every worker"
             if value != last_values.get(rank) or value == "done":
                 last_values[rank], last_change[rank] = value, now
             elif now - last_change[rank] > self.timeout:
-                return (f"{self.who(rank)} stopped responding: no heartbeat for {self.timeout:g} s (killed, its "
-                        "machine lost, or stuck; --heartbeat-timeout): stopping every worker")
-        return None
+                silent.append(rank)  # a lost machine: all of its workers at once
+        if not silent:
+            return None
+        return (f"{', '.join(self.who(r) for r in silent)} stopped responding: no heartbeat for {self.timeout:g} s "
+                "(killed, its machine lost, or stuck; --heartbeat-timeout): stopping every worker")
 
     def _deadline(self) -> None:
         while not self._stop.wait(self.interval):
