@@ -16,7 +16,8 @@ Arms (one YAML each in configs/shapes/study/, whose comments say which paper's r
 and the gradient-variance runs (monitor only, no AGVM; not arms of the table):
 
     sgd_b256_linear MegDet's recipe at batch 256 = 64x (62 steps): AGVM Fig. 1 at 64x, MegDet's limit
-    sgd_b256_sqrt   batch 256 with AGVM's LR rule (0.226) and warm-up, no AGVM: AGVM Fig. 1 at 64x
+    sgd_b256_sqrt   batch 256 with AGVM's LR rule (0.226) and warm-up, no AGVM
+    lars_b256       CoolDet's recipe at batch 256 (LR 0.0008, no scaling): AGVM Fig. 1 at 64x over a whole run
     sgd_b64_linear_bn  sgd_b64_linear with per-worker BN instead of SyncBN (only with --arms: the SyncBN question
                     is measured at equal weights and images by bench/syncbn_phi.py)
 
@@ -82,9 +83,10 @@ CONFIG_DIR = os.path.join("configs", "shapes", "study")
 ARMS = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "pmdlamb_b64", "lars_b64", "lamb_b64", "agvm_adamw_b64")
 # monitor-only runs for the figure / the SyncBN question; the per-worker-BN run on request (bench/syncbn_phi.py
 # measures that question at equal weights)
-GRAD_VAR_RUNS = ("sgd_b256_linear", "sgd_b256_sqrt", "sgd_b64_linear_bn")
-DEFAULT_RUNS = ARMS + ("sgd_b256_linear", "sgd_b256_sqrt")
-FIGURE_BATCHES = ("sgd_b4", "sgd_b64_linear", "sgd_b256_linear", "sgd_b256_sqrt")  # AGVM Fig. 1: 1x, 16x, 64x
+GRAD_VAR_RUNS = ("sgd_b256_linear", "sgd_b256_sqrt", "lars_b256", "sgd_b64_linear_bn")
+DEFAULT_RUNS = ARMS + ("sgd_b256_linear", "sgd_b256_sqrt", "lars_b256")
+# AGVM Fig. 1: 1x, 16x, 64x with SGD (64x stops at iteration 9), and LARS at 16x and 64x (a whole run)
+FIGURE_BATCHES = ("sgd_b4", "sgd_b64_linear", "sgd_b256_linear", "lars_b64", "lars_b256")
 DATA_NAMES = ("shapes_study_train", "shapes_study_val")
 QUICK = {"num_train": 256, "num_val": 64, "pretrain_images": 512, "pretrain_epochs": 1, "max_iter": 3}
 

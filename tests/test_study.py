@@ -35,10 +35,11 @@ EXPECTED = {
     "agvm_adamw_b64": ("ADAMW + AGVM (tau 10)", 64, 0.0004, 80),
     "sgd_b256_linear": ("SGD", 256, 0.32, 20),
     "sgd_b256_sqrt": ("SGD", 256, 0.02 * 8 * 2 ** 0.5, 20),
+    "lars_b256": ("LARS (eta 1)", 256, 0.0008, 20),
     "sgd_b64_linear_bn": ("SGD", 64, 0.08, 80),
 }
 KNOWN = ("sgd_b4", "sgd_b64_linear", "agvm_sgd_b64", "pmdlamb_b64", "lars_b64", "lamb_b64", "agvm_adamw_b64",
-         "sgd_b256_linear", "sgd_b256_sqrt", "sgd_b64_linear_bn")
+         "sgd_b256_linear", "sgd_b256_sqrt", "lars_b256", "sgd_b64_linear_bn")
 
 
 def test_every_study_arm_resolves_to_its_documented_recipe():
