@@ -301,16 +301,16 @@ def plot_study(rows: List[dict], path: str) -> str:
     a diverged arm's last loss is marked with a cross)."""
     plt = pyplot()
     fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-    for r in rows:
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # one colour per arm, never reused
+    for i, r in enumerate(rows):
         label = r["arm"] + (" (diverged)" if r["diverged"] else "")
-        line = None
+        color = palette[i % len(palette)]
         if r["ap_curve"]:
             xs = [x for x, _, _ in r["ap_curve"]]
-            line, = ax_ap.plot(xs, [a50 for _, _, a50 in r["ap_curve"]], marker="o", label=label)
+            ax_ap.plot(xs, [a50 for _, _, a50 in r["ap_curve"]], marker="o", label=label, color=color)
         if r["loss_curve"]:
-            kwargs = {"color": line.get_color()} if line is not None else {}
             xs = [x for x, _ in r["loss_curve"]]
-            line2, = ax_loss.plot(xs, [loss for _, loss in r["loss_curve"]], marker=".", label=label, **kwargs)
+            line2, = ax_loss.plot(xs, [loss for _, loss in r["loss_curve"]], marker=".", label=label, color=color)
             if r["diverged"]:
                 ax_loss.plot(xs[-1:], [r["loss_curve"][-1][1]], marker="x", markersize=10, color=line2.get_color())
     ax_ap.set_xlabel("epoch")
