@@ -211,17 +211,9 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
             k, denom_scale, eps_out = c.m_scale, c.v_scale, c.eps_out
         else:
             k, denom_scale, eps_out = c.m_scale / c.v_scale, 1.0, c.eps_out / c.v_scale
-        scalar_k = not isinstance(k, Tensor)
         if b_buffers[0] is not None:
             # build u / k in the persistent buffers (why: TrustRatioOptimizer._reuse_buffers)
-            u = b_buffers
-            torch._foreach_copy_(u, b_v)
-            if c.eps_in != 0:
-                torch._foreach_add_(u, c.eps_in)
-            torch._foreach_sqrt_(u)
-            if not (scalar_k and denom_scale == 1.0):
-                torch._foreach_mul_(u, scalar_arg(denom_scale, len(u)))
-            _add_eps(u, eps_out)
+            u = _denominator(b_v, c.eps_in, denom_scale, eps_out, out=b_buffers)
             # m / denom in place, as 1 / (denom / m): overflows only where m / denom itself does
             torch._foreach_div_(u, b_m)
             torch._foreach_reciprocal_(u)
@@ -230,15 +222,8 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
             u_scale = k  # u_true = k * u
         else:
             # CUDA & co: temporaries come from the caching allocator; fewest passes
-            if c.eps_in != 0:
-                denom = torch._foreach_add(b_v, c.eps_in)
-                torch._foreach_sqrt_(denom)
-            else:
-                denom = torch._foreach_sqrt(b_v)
-            if not (scalar_k and denom_scale == 1.0):
-                torch._foreach_mul_(denom, scalar_arg(denom_scale, len(denom)))
-            _add_eps(denom, eps_out)
-            if wd != 0 and dtype != torch.float16 and scalar_k:
+            denom = _denominator(b_v, c.eps_in, denom_scale, eps_out)
+            if wd != 0 and dtype != torch.float16 and not isinstance(k, Tensor):
                 # u / wd = w + (k / wd) * m / denom in one pass (float16 could overflow here)
                 u = torch._foreach_addcdiv(b_params, b_m, denom, value=k / wd)
                 u_scale = wd
@@ -250,24 +235,22 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
                 u_scale = k
             del denom
         # the true u is u_scale * u: its norm and the step size carry the factor instead of a pass
-        if hyper.adapt and torch.compiler.is_compiling():
-            # Compiled: u feeds only its norm, so inductor fuses it into the moments' pass without writing it out,
-            # and the update recomputes r from the new moments (w <- (1 - s wd) w - s r, s = lr scale ratio)
-            # in a second pass: 10 tensor passes in all, LAMB's floor. Updating with u, inductor wrote u to a
-            # fresh buffer and read it twice more (measured 65 -> 40 ms on 4 x 4M floats, 1 thread).
+        if hyper.adapt:
             ratio = lamb_trust_ratio(foreach_norms(b_params), u_scale * foreach_norms(u), hyper.trust_clip)
-            del u
-            step_size = ratio * (-lr * hyper.scale)
-            torch._foreach_mul_(b_params, scaled_lists(1 + step_size * wd, dtype))
-            inv_denom = torch._foreach_sqrt(torch._foreach_add(b_v, c.eps_in) if c.eps_in != 0 else b_v)
-            torch._foreach_mul_(inv_denom, scalar_arg(c.v_scale, len(inv_denom)))
-            _add_eps(inv_denom, c.eps_out)
-            torch._foreach_reciprocal_(inv_denom)
-            torch._foreach_mul_(inv_denom, scaled_lists(step_size * c.m_scale, dtype))
-            torch._foreach_addcmul_(b_params, b_m, inv_denom)
-        elif hyper.adapt:
-            ratio = lamb_trust_ratio(foreach_norms(b_params), u_scale * foreach_norms(u), hyper.trust_clip)
-            axpy_(b_params, u, scaled_lists(ratio * (-lr * hyper.scale * u_scale), dtype))
+            if torch.compiler.is_compiling():
+                # Compiled: u feeds only its norm, so inductor fuses it into the moments' pass without writing it
+                # out, and the update recomputes r from the new moments (w <- (1 - s wd) w - s r, s = lr scale
+                # ratio) in a second pass: 10 tensor passes in all, LAMB's floor. Updating with u, inductor wrote u
+                # to a fresh buffer and read it twice more (measured 65 -> 40 ms on 4 x 4M floats, 1 thread).
+                del u
+                step_size = ratio * (-lr * hyper.scale)
+                torch._foreach_mul_(b_params, scaled_lists(1 + step_size * wd, dtype))
+                inv_denom = _denominator(b_v, c.eps_in, c.v_scale, c.eps_out)
+                torch._foreach_reciprocal_(inv_denom)
+                torch._foreach_mul_(inv_denom, scaled_lists(step_size * c.m_scale, dtype))
+                torch._foreach_addcmul_(b_params, b_m, inv_denom)
+            else:
+                axpy_(b_params, u, scaled_lists(ratio * (-lr * hyper.scale * u_scale), dtype))
         else:
             ratio = torch.ones(len(b_params), dtype=norm_dtype(dtype), device=device)
             axpy_(b_params, u, -lr * (hyper.scale * u_scale))
@@ -275,9 +258,25 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, c: LambCoefficients
     return pieces
 
 
-def _add_eps(tensors: List[Tensor], eps: Scalar) -> None:
-    if isinstance(eps, Tensor) or eps != 0:
-        torch._foreach_add_(tensors, scalar_arg(eps, len(tensors)))
+def _denominator(v: List[Tensor], eps_in: float, scale: Scalar, eps_out: Scalar,
+                 out: Optional[List[Tensor]] = None) -> List[Tensor]:
+    """``sqrt(v + eps_in) * scale + eps_out`` per tensor, written into ``out`` (work buffers) or new tensors."""
+    if out is not None:
+        torch._foreach_copy_(out, v)
+        if eps_in != 0:
+            torch._foreach_add_(out, eps_in)
+        torch._foreach_sqrt_(out)
+        denom = out
+    elif eps_in != 0:
+        denom = torch._foreach_add(v, eps_in)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(v)
+    if isinstance(scale, Tensor) or scale != 1.0:
+        torch._foreach_mul_(denom, scalar_arg(scale, len(denom)))
+    if isinstance(eps_out, Tensor) or eps_out != 0:
+        torch._foreach_add_(denom, scalar_arg(eps_out, len(denom)))
+    return denom
 
 
 class _LambBase(TrustRatioOptimizer):
