@@ -23,7 +23,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
-from largebatch.config import ConfigError, load_config
+from largebatch.config import ConfigError, describe_error, load_config
 from largebatch.data import check_images, register_datasets
 from largebatch.engine.checkpoint import check_weights_fit
 from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
@@ -80,7 +80,7 @@ def check_weights_file(cfg, path, whole=False, key="MODEL.WEIGHTS"):
         checkpoint = DetectionCheckpointer(None)._load_file(path)  # detectron2's own loader: .pkl, .pyth, .pth
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
         raise ConfigError(f"{key} = {path!r} is not allowed: it cannot be read as a checkpoint "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+                          f"({describe_error(e)})") from None
     on_cpu = cfg.clone()
     on_cpu.MODEL.DEVICE = "cpu"
     model = LargeBatchTrainer.build_model(on_cpu, for_training=False)

@@ -208,6 +208,13 @@ def fail(key, value, allowed):
     raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
+def describe_error(error: BaseException, limit: int = 120) -> str:
+    """``Type: the first line of its message`` (cut at ``limit`` characters): what a one-line error quotes of the
+    exception behind it."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def choice(cfg_value, key, choices, case_insensitive=False):
     """``cfg_value`` (upper-cased when ``case_insensitive``) if it is one of ``choices``, else ConfigError."""
     value = cfg_value.upper() if case_insensitive and isinstance(cfg_value, str) else cfg_value

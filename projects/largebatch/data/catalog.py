@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
-from ..config import ConfigError, fail
+from ..config import ConfigError, describe_error, fail
 from .shapes import SHAPES_SPLITS, ShapesRootError, default_shapes_root, register_shapes
 
 __all__ = ["check_images", "image_problem", "register_datasets", "train_set_size"]
@@ -61,7 +61,7 @@ def _register_coco_json(cfg, name, json_file, image_root) -> None:
         categories = len(coco["categories"])
         images = len(coco["images"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(key, entry, f"{json_file!r} is not a COCO json ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        fail(key, entry, f"{json_file!r} is not a COCO json ({describe_error(e)})")
     if not images:
         fail(key, entry, f"{json_file!r} lists no images")
     missing = [im.get("file_name") for im in coco["images"]
@@ -91,7 +91,7 @@ def image_problem(path: str) -> Optional[str]:
     except FileNotFoundError:
         return "no such file"
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        return f"not an image ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        return f"not an image ({describe_error(e, 80)})"
     if kind == "JPEG" and b"\xff\xd9" not in tail:
         return "truncated (no JPEG end marker)"
     if kind == "PNG" and b"IEND" not in tail:
@@ -113,8 +113,8 @@ def check_images(cfg, keys=("TRAIN", "TEST")) -> None:
             try:
                 files = [d["file_name"] for d in DatasetCatalog.get(name)]
             except Exception as e:  # noqa: BLE001 - a missing or broken annotation file, whatever the loader raises
-                fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{name!r} cannot be loaded ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:160] if str(e) else ''})")
+                fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]),
+                     f"{name!r} cannot be loaded ({describe_error(e, 160)})")
             with ThreadPoolExecutor(max_workers=16) as pool:
                 problems = [(f, p) for f, p in zip(files, pool.map(image_problem, files)) if p is not None]
             if problems:

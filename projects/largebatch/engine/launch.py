@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-from ..config import device_kind
+from ..config import describe_error, device_kind
 from .heartbeat import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     PEER_LOST_EXIT_CODE,
@@ -272,7 +272,7 @@ def _distributed_worker(
         # this process) within its timeout; an error of this worker's own stops the others at once
         if is_communication_error(e) and heartbeat.await_verdict() is not None:
             raise
-        heartbeat.finish(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:1000]}")
+        heartbeat.finish(describe_error(e, 1000))
         raise
     heartbeat.finish()
 
