@@ -33,6 +33,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 60.0  # seconds without a beat after which a worker 
 #: EX_UNAVAILABLE: another worker or machine of the run died; this one stopped after saying which
 PEER_LOST_EXIT_CODE = 69
 _PREFIX = "largebatch/heartbeat"
+_VERDICT = f"{_PREFIX}/verdict"  # the first message that stops every worker
 logger = logging.getLogger("largebatch")
 
 
@@ -53,7 +54,7 @@ def post_verdict(host: str, port: int, message: str) -> bool:
     stays); False if the store cannot be reached (its host, rank 0, is gone too)."""
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False)
-        store.compare_set(f"{_PREFIX}/verdict", "", message)
+        store.compare_set(_VERDICT, "", message)
         return True
     except Exception:  # noqa: BLE001 - unreachable, for whatever reason
         return False
@@ -82,11 +83,12 @@ class Heartbeat:
         self.verdict: Optional[str] = None
         self._stop = threading.Event()
         self._last_contact = time.monotonic()
-        self._key = f"{_PREFIX}/{rank}"
+        self._keys = [f"{_PREFIX}/{r}" for r in range(world_size)]  # every worker's counter
+        self._key = self._keys[rank]
         self.store.add(self._key, 1)
         if rank == 0:  # every counter exists from the start: one that never moves is a worker that never beat
-            for r in range(1, world_size):
-                self.store.add(f"{_PREFIX}/{r}", 0)
+            for key in self._keys[1:]:
+                self.store.add(key, 0)
         self._threads = [threading.Thread(target=self._beat, name="largebatch-heartbeat", daemon=True),
                          threading.Thread(target=self._deadline, name="largebatch-heartbeat-deadline", daemon=True)]
 
@@ -106,17 +108,15 @@ class Heartbeat:
 
     def _beat(self) -> None:
         last_values, last_change = {}, {}
-        keys = [f"{_PREFIX}/{r}" for r in range(self.world_size)]
         while not self._stop.wait(self.interval):
             try:
                 self.store.add(self._key, 1)
-                verdict = self.store.get(f"{_PREFIX}/verdict").decode() if self.store.check(
-                    [f"{_PREFIX}/verdict"]) else None
+                verdict = self.store.get(_VERDICT).decode() if self.store.check([_VERDICT]) else None
                 if self.rank == 0 and verdict is None:
-                    verdict = self._watch(self.store.multi_get(keys), last_values, last_change)
+                    verdict = self._watch(self.store.multi_get(self._keys), last_values, last_change)
                     if verdict is not None:
-                        self.store.compare_set(f"{_PREFIX}/verdict", "", verdict)
-                        verdict = self.store.get(f"{_PREFIX}/verdict").decode()  # the first one stays
+                        self.store.compare_set(_VERDICT, "", verdict)
+                        verdict = self.store.get(_VERDICT).decode()  # the first one stays
                         # the store lives in this process: leave the others time to read the verdict from it
                         time.sleep(2 * self.interval)
             except Exception:  # noqa: BLE001 - an unreachable store: the deadline thread decides when to give up
@@ -167,12 +167,9 @@ class Heartbeat:
         try:
             self.store.set(self._key, f"failed: {failure}" if failure else "done")
             if self.rank == 0:
-                keys = [f"{_PREFIX}/{r}" for r in range(self.world_size)]
                 deadline = time.monotonic() + (2 * self.interval if failure else self.timeout)
-                while time.monotonic() < deadline:
-                    if any(not v.startswith((b"done", b"failed")) for v in self.store.multi_get(keys)):
-                        time.sleep(min(self.interval, 0.5))
-                        continue
-                    break
+                while time.monotonic() < deadline and any(
+                        not v.startswith((b"done", b"failed")) for v in self.store.multi_get(self._keys)):
+                    time.sleep(min(self.interval, 0.5))
         except Exception as e:  # noqa: BLE001 - the store is gone: there is nobody left to tell
             logger.debug("heartbeat: could not say that rank %d ended: %s", self.rank, e)
