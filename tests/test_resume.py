@@ -14,6 +14,27 @@ from helpers import run_python
 from largebatch.data.resumable import ResumableTrainingSampler, SeededMapDataset, stream_position
 
 
+def start_and_wait_for_iteration(argv, output_dir, iteration=2, timeout=300):
+    """Start the training command ``argv`` (run in the repository) in the background, and return its Popen once
+    ``output_dir``'s layer_stats.jsonl records ``iteration`` (or the process ended, or ``timeout`` passed)."""
+    import json
+    import subprocess
+    import time
+
+    from helpers import REPO, script_env
+
+    proc = subprocess.Popen(argv, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    records = output_dir / "layer_stats.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and any(json.loads(line).get("iter", -1) >= iteration
+                                    for line in records.read_text().splitlines()[1:] if line.endswith("}")):
+            break
+        time.sleep(0.5)
+    return proc
+
+
 def _sizes(n, seed=0):
     """n images, landscape or portrait at random (the two aspect-ratio buckets)."""
     rng = np.random.RandomState(seed)
@@ -107,26 +128,13 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_runs_weights(tmp_p
 @pytest.mark.slow
 def test_sigterm_makes_every_worker_checkpoint_and_exit_and_resume_continues(tmp_path):
     """What SLURM / Kubernetes send before stopping a job, sent to the launcher only (it forwards it)."""
-    import json
     import signal
-    import subprocess
     import sys
-    import time
-
-    from helpers import REPO, script_env
 
     common = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file", "configs/shapes/sgd.yaml",
               "SOLVER.IMS_PER_BATCH", "4", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATASETS.TEST", "()",
               "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, *common, "SOLVER.MAX_ITER", "500"], cwd=REPO, env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    records = tmp_path / "layer_stats.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:  # until iteration 2 is recorded
-        if records.exists() and any(json.loads(line).get("iter", -1) >= 2
-                                    for line in records.read_text().splitlines()[1:] if line.endswith("}")):
-            break
-        time.sleep(0.5)
+    proc = start_and_wait_for_iteration([sys.executable, *common, "SOLVER.MAX_ITER", "500"], tmp_path)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, log[-3000:]
@@ -282,27 +290,14 @@ def test_resume_after_an_explosion_starts_from_a_checkpoint_before_the_trouble(t
 def test_sigterm_to_torchrun_checkpoints_within_its_shutdown_timeout(tmp_path, free_port):
     """torchrun forwards SIGTERM to its workers and kills them --shutdown-timeout seconds later (default 30): the
     workers finish their step, write a checkpoint and exit within it, and --resume continues."""
-    import json
     import signal
-    import subprocess
     import sys
-    import time
-
-    from helpers import REPO, script_env
 
     common = ["--config-file", "configs/shapes/sgd.yaml", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.CHECKPOINT_PERIOD",
               "1000", "DATASETS.TEST", "()", "MONITOR.PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", str(free_port), "train_net.py", *common,
-                             "SOLVER.MAX_ITER", "500"],
-                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    records = tmp_path / "layer_stats.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:  # until iteration 2 is recorded
-        if records.exists() and any(json.loads(line).get("iter", -1) >= 2
-                                    for line in records.read_text().splitlines()[1:] if line.endswith("}")):
-            break
-        time.sleep(0.5)
+    proc = start_and_wait_for_iteration([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                         "--master-addr", "127.0.0.1", "--master-port", str(free_port),
+                                         "train_net.py", *common, "SOLVER.MAX_ITER", "500"], tmp_path)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert "Stopped by a stop signal (SIGTERM / SIGUSR1) after iteration" in log, log[-3000:]

@@ -319,12 +319,17 @@ def plot_study(rows: List[dict], path: str) -> str:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("total_loss (train, median of 20 iterations)")
     ax_loss.set_title("training loss against epochs")
-    for ax in (ax_ap, ax_loss):
+    _grid_and_legend(ax_ap, ax_loss)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _grid_and_legend(*axes) -> None:
+    """A light grid on each panel, and a legend where something is labelled."""
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save(fig, path)
 
 
 def plot_grad_variance(runs: List[dict], path: str) -> str:
@@ -357,10 +362,7 @@ def plot_grad_variance(runs: List[dict], path: str) -> str:
         ax.set_title(f"{run['arm']}: batch {run['total_batch']} ({len(records)} records)", fontsize=10)
         ax_ratio.set_xlabel("epoch")
         ax_ratio.set_yscale("log")
-        for a in (ax, ax_ratio):
-            a.grid(alpha=0.3)
-            if a.get_legend_handles_labels()[0]:
-                a.legend(fontsize=8)
+        _grid_and_legend(ax, ax_ratio)
     axes[0][0].set_ylabel("grad_var = 1 - cos(G1, G2)")
     axes[1][0].set_ylabel("Phi_backbone / Phi_part (AGVM's mu, raw)")
     fig.suptitle("Gradient variance per detector part (monitor only, no AGVM, SyncBN)", fontsize=11)
