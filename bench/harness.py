@@ -8,6 +8,7 @@ package itself (``largebatch``) is installed.
                         --config-file, --num-workers, --threads, --json PATH, KEY VALUE overrides
     launch_workers      ``worker(args, out_root, *extra)`` on every worker (largebatch.launch, on the config's
                         MODEL.DEVICE), with a temporary OUTPUT_DIR root that is removed afterwards
+    train_net           one ``train_net.py`` run in a subprocess, its log in OUTPUT_DIR/train.log
     Run                 one LargeBatchTrainer driven as TrainerBase.train drives it, one iteration per call,
                         keeping the wall and CPU seconds of every iteration
     build_runs          the two (or more) Runs of an A/B comparison: same config, same seed, same data order
@@ -21,10 +22,14 @@ import functools
 import json
 import logging
 import os
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes", "sgd.yaml")
@@ -85,6 +90,27 @@ def launch_workers(worker: Callable, args, *extra) -> None:
     device = load_config(args.config_file, args.opts, args.num_workers).MODEL.DEVICE
     with tempfile.TemporaryDirectory(prefix="largebatch_bench_") as out_root:
         launch(worker, args.num_workers, dist_url="auto", args=(args, out_root, *extra), device=device)
+
+
+def train_net(out: str, config: str, opts: Sequence[str], num_workers: int, python: str = sys.executable
+              ) -> Tuple[int, str]:
+    """``train_net.py --num-gpus W --dist-url auto --config-file CONFIG OPTS OUTPUT_DIR out`` in a subprocess
+    (one OpenMP thread per worker), into a fresh ``out``, its output in ``out/train.log`` after the command
+    line; returns the exit status and the log."""
+    if os.path.isdir(out):
+        shutil.rmtree(out)  # a stale metrics.json / layer_stats.jsonl would be appended to
+    os.makedirs(out)
+    cmd = [python, "train_net.py", "--num-gpus", str(num_workers), "--dist-url", "auto", "--config-file", config,
+           *opts, "OUTPUT_DIR", out]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    path = os.path.join(out, "train.log")
+    with open(path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        returncode = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(path) as f:
+        return returncode, f.read()
 
 
 def quiet() -> None:

@@ -250,7 +250,10 @@ def report(rows: List[dict], extra: List[dict], args, command: str, inputs: dict
         "",
         "AP / AP50: detectron2's COCOEvaluator (percent) at the last evaluation (0 for a diverged arm). Final loss: "
         "total_loss of the last metrics.json record (detectron2's median over the last 20 iterations; for a "
-        "diverged arm the last one recorded before it stopped). Diverged: the run stopped on a non-finite loss / "
+        "diverged arm the last one recorded before it stopped). Guard max: the explosion guard's highest ratio "
+        "over the steps the run took (the larger of total loss and gradient norm over its median of the last 20 "
+        "iterations; the guard stops at MONITOR.EXPLOSION_FACTOR, 10; '-' where the run's code did not log it). "
+        "Diverged: the run stopped on a non-finite loss / "
         "gradient or on the explosion guard (largebatch's guards, which name the iteration) or on detectron2's own "
         "NaN check. Wall time: the whole train_net.py process (start-up, training, evaluations). CPU time: user + "
         "system time of all its processes. Load: mean 1-minute load average during the run "

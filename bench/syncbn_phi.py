@@ -23,13 +23,11 @@ import json
 import math
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
-from harness import REPO
+from harness import train_net
 
 from largebatch.analysis.metrics import read_json
 from largebatch.analysis.study import grad_var_records
@@ -45,24 +43,14 @@ def measure(name: str, out_root: str, weights: str, sync_bn: bool, data_opts: Li
             args) -> dict:
     """One measurement run; returns its Phi records [(iteration, {part: Phi})] and how long it took."""
     out = os.path.join(out_root, name)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
     opts = data_opts + [
         "MODEL.WEIGHTS", weights, "MODEL.SYNC_BN.ENABLED", str(sync_bn),
         "SOLVER.BASE_LR", "0.0", "SOLVER.SCHEDULE_UNIT", "iter", "SOLVER.MAX_ITER", str(args.iters),
         "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "1000000", "TEST.EVAL_PERIOD", "0",
-        "DATASETS.TEST", "()", "MONITOR.PERIOD", "1", "OUTPUT_DIR", out,
+        "DATASETS.TEST", "()", "MONITOR.PERIOD", "1",
     ] + extra
-    cmd = [args.python, "train_net.py", "--num-gpus", str(args.num_workers), "--dist-url", "auto",
-           "--config-file", CONFIG, *opts]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    with open(os.path.join(out, "train.log"), "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    rc, _ = train_net(out, CONFIG, opts, args.num_workers, args.python)
     if rc != 0:
         raise SystemExit(f"[syncbn_phi] {name}: train_net.py exited with {rc}; see {out}/train.log")
     records = grad_var_records(out)

@@ -136,6 +136,16 @@ def test_sgd_trust_ratio_is_weight_over_grad_norm_before_the_step(sgd_run):
         assert records[1]["grad_var"][part] == pytest.approx(phis[1][0], rel=1e-5)
         mus = storage.history(f"agvm_mu/{part}").values()
         assert [r["agvm_mu"][part] for r in records] == pytest.approx([v for v, _ in mus], rel=1e-5)
+    # the explosion guard's reading, every iteration: the step's global gradient norm and the total loss, in the
+    # jsonl and in EventStorage; no ratio yet (the guard judges from 5 iterations of history on)
+    logged = {key: {it: v for v, it in storage.history(key).values()} for key in ("grad_norm", "total_loss")}
+    for record, step in zip(records, steps):
+        check = record["explosion_check"]
+        grad_norm = math.sqrt(sum(_norm(g) ** 2 for g in step["g"] if g is not None))
+        # (the trainer's norms are float32 reductions: ~1e-5 off the float64 reference on 800k-element tensors)
+        assert check["grad_norm"] == pytest.approx(grad_norm, rel=1e-4) and check["explosion_ratio"] is None
+        assert logged["grad_norm"][step["iter"]] == pytest.approx(check["grad_norm"], rel=1e-5)
+        assert check["total_loss"] == pytest.approx(logged["total_loss"][step["iter"]], rel=1e-5)
     # the LR each layer stepped with includes AGVM's mu: it differs between parts
     assert len({round(lr, 12) for lr in steps[1]["lr"]}) > 1
     # the jump check's state travels with the checkpoint
@@ -349,6 +359,39 @@ def test_explosion_guard_stops_on_a_spike_of_the_loss_or_the_gradient_norm():
     with pytest.raises(FloatingPointError, match="the total loss 1000 is 190x its median 5.25"):
         restored.check(5, 1000.0, 6.0)
     ExplosionGuard(factor=0).check(0, float("inf"), float("inf"))  # 0 disables it
+    # ... but still measures: the trainer logs the ratio (explosion_ratio) with the guard off too
+    off = ExplosionGuard(factor=0, window=4, min_history=3)
+    for i, grad in enumerate((1.0, 2.0, 3.0)):
+        off.check(i, 1.0, grad)
+    off.check(3, 1.0, 600.0)
+    assert (off.ratio, off.ratio_of, off.trouble()) == (300.0, "the gradient norm", None)
+    off.check(4, 1.0, 3.0)  # the run's highest ratio is remembered, also across a checkpoint
+    assert off.ratio == pytest.approx(3.0 / 2.5) and off.highest == (300.0, 3)
+    again = ExplosionGuard(factor=0, window=4, min_history=3)
+    again.load_state_dict(off.state_dict())
+    assert again.highest == (300.0, 3) and list(again.history) == list(off.history)
+
+
+@pytest.mark.slow
+def test_the_guard_study_finds_the_default_stopping_before_the_values_turn_non_finite(tmp_path):
+    """bench/explosion_guard.py on one seed of the diverging run (2 workers, BASE_LR 0.3, the guard measuring
+    only) and two short healthy runs: the run turns non-finite, the default factor 10 would have stopped it at
+    least 2 iterations earlier, and the report says so."""
+    from helpers import run_python
+
+    result = run_python("bench/explosion_guard.py", "--seeds", "1", "--healthy-iters", "8", "--warmup", "4",
+                        "--factors", "10", "--output", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "explosion_guard.json") as f:
+        data = json.load(f)
+    run = data["diverging"][0]
+    stop = next(it for it, r in zip(run["iters"], run["ratio"]) if r is not None and r > 10)
+    assert run["non_finite"] is not None and run["non_finite"] - stop >= 2, (stop, run["non_finite"])
+    assert run["iters"] == list(range(run["non_finite"]))  # every iteration before it recorded
+    assert [h["non_finite"] for h in data["healthy"]] == [None, None]
+    assert all(len(h["iters"]) == 8 and max(r for r in h["ratio"] if r is not None) < 10 for h in data["healthy"])
+    text = (tmp_path / "explosion_guard.md").read_text()
+    assert f"factor 10: stops 1 of 1 diverging runs {run['non_finite'] - stop}-{run['non_finite'] - stop} " in text
 
 
 @pytest.mark.slow

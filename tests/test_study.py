@@ -82,7 +82,8 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
             "iters_per_epoch": 16.0, "train_images": 1024}
     ok = _fake_arm(tmp_path, "ok", [
         {"iteration": 15, "total_loss": 1.5}, {"iteration": 15, "bbox/AP": 10.0, "bbox/AP50": 20.0},
-        {"iteration": 31, "total_loss": 1.2}, {"iteration": 32, "bbox/AP": 30.5, "bbox/AP50": 55.25},
+        {"iteration": 31, "total_loss": 1.2, "explosion_ratio_max": 2.46}, {"iteration": 32, "bbox/AP": 30.5,
+                                                                          "bbox/AP50": 55.25},
     ], 0, "BASE_LR 0.02 -> 0.08 (rule linear, total batch 64, reference 16, factor 4)\n")
     bad = _fake_arm(tmp_path, "bad", [{"iteration": 19, "total_loss": 7.5}], 1,
                     "FloatingPointError: Training diverged at iteration 20: non-finite losses total_loss=nan\n")
@@ -95,8 +96,8 @@ def test_report_marks_a_diverged_arm_with_ap_zero(tmp_path):
     assert rows[0]["ap_curve"] == [(1.0, 10.0, 20.0), (2.0, 30.5, 55.25)]
     assert rows[1]["diverged"] and rows[1]["ap"] == 0.0 and rows[1]["diverged_at"] == 20
     text = study.table(rows)
-    assert "| ok | LARS | 64 | 32 | 0.08 | 30.50 | 55.25 | 1.200 | 1:15 | 2:20 | 2.1 | no |" in text
-    assert "| bad | LARS | 64 | 32 | 0.0008 | 0.00 | 0.00 | 7.500 |" in text and "yes (iteration 20)" in text
+    assert "| ok | LARS | 64 | 32 | 0.08 | 30.50 | 55.25 | 1.200 | 2.5 | 1:15 | 2:20 | 2.1 | no |" in text
+    assert "| bad | LARS | 64 | 32 | 0.0008 | 0.00 | 0.00 | 7.500 | - |" in text and "yes (iteration 20)" in text
     png = os.path.join(tmp_path, "study.png")
     plot_study(rows, png)
     with open(png, "rb") as f:
@@ -160,6 +161,14 @@ def test_quick_study_writes_parsed_tables_and_figures(tmp_path):
     again = run_python("bench/large_batch_study.py", "--quick", "--arms", "sgd_b4", "--output", out, "--data-root",
                        data, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=200)
     assert again.returncode == 0 and "finished run found" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    # make study's second command: Phi with SyncBN and per-worker BN at the study's weights, from its study.json
+    phi = run_python("bench/syncbn_phi.py", "--study", out, "--iters", "2", timeout=400)
+    assert phi.returncode == 0, phi.stdout[-3000:] + phi.stderr[-3000:]
+    with open(os.path.join(out, "syncbn_phi", "syncbn_phi.json")) as f:
+        runs = json.load(f)
+    assert set(runs) == {"start_syncbn", "start_bn", "trained_syncbn", "trained_bn", "trained_split_syncbn",
+                         "trained_split_bn"}
+    assert all(len(run["records"]) == 2 for run in runs.values()), {k: len(r["records"]) for k, r in runs.items()}
 
 
 def test_evaluations_missing_from_metrics_json_are_read_from_the_log():

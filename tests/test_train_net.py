@@ -489,3 +489,16 @@ def test_resume_from_a_folder_of_another_run_fails_before_training(tmp_path, cap
         (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
     torch.save({"model": _model_state(), "iteration": 4}, tmp_path / "model_0000004.pth")
     cli_module.cli(argv)  # the run's own checkpoint
+
+
+def test_a_whole_number_for_a_float_key_is_that_float(make_config):
+    """yacs refuses an int for a float key as a type mismatch: ``MONITOR.EXPLOSION_FACTOR 0`` (the README's
+    "0: off") or ``SOLVER.BASE_LR 1`` are what users type, and mean the float. Other types still fail."""
+    from largebatch.config import ConfigError
+
+    cfg = make_config("MONITOR.EXPLOSION_FACTOR", "0", "SOLVER.BASE_LR", "1", "SOLVER.MAX_ITER", "7")
+    assert (cfg.MONITOR.EXPLOSION_FACTOR, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (0.0, 1.0, 7)
+    assert [type(v) for v in (cfg.MONITOR.EXPLOSION_FACTOR, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER)] == [
+        float, float, int]
+    with pytest.raises(ConfigError, match=r"^command line: Type mismatch .* SOLVER.BASE_LR"):
+        make_config("SOLVER.BASE_LR", "'fast'")

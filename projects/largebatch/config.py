@@ -379,7 +379,7 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
     cfg = add_largebatch_config(get_cfg())
     for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
-                          ("command line", lambda: cfg.merge_from_list(list(opts)))):
+                          ("command line", lambda: cfg.merge_from_list(_whole_numbers_as_floats(cfg, opts)))):
         try:
             merge()
         except (KeyError, AssertionError, ValueError, TypeError, yaml.YAMLError) as e:
@@ -396,6 +396,19 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
     if cfg.SOLVER.BASE_LR == 0:  # allowed on purpose (README): a run that measures without changing the weights
         logger.warning("SOLVER.BASE_LR is 0: the weights will not change (BatchNorm statistics still do)")
     return cfg
+
+
+def _whole_numbers_as_floats(cfg, opts) -> list:
+    """KEY VALUE overrides, a whole number given for a float key (``MONITOR.EXPLOSION_FACTOR 0``, ``SOLVER.BASE_LR
+    1``) made that float: yacs refuses it as a type mismatch, which is never what the user meant."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        node = cfg
+        for name in str(opts[i]).split("."):
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, float) and isinstance(opts[i + 1], str) and opts[i + 1].strip().lstrip("+-").isdigit():
+            opts[i + 1] = str(float(opts[i + 1]))
+    return opts
 
 
 def _all_keys(node, prefix=""):

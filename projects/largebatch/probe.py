@@ -32,12 +32,17 @@ class GradientMeasurement:
         is measured or recorded.
     phi: grad_var per detector part, Phi_i = 1 - cos(G1_i, G2_i) (AGVM eq. 3), identical on every worker;
         None on iterations that are not measurement iterations (or whose step is skipped).
+    explosion_check: what the explosion guard (``engine.divergence``) judged on this iteration, the same on every
+        worker: ``{"total_loss", "grad_norm", "explosion_ratio"}``, the ratio being the larger of loss / median
+        and gradient norm / median (None before the guard has enough history); None when the gradients
+        overflowed under AMP (not judged).
     """
 
     iteration: int
     grad_norms: torch.Tensor
     grads_finite: bool = True
     phi: Optional[Dict[str, float]] = None
+    explosion_check: Optional[Dict[str, Optional[float]]] = None
 
 
 def second_moment_state(optimizer: torch.optim.Optimizer) -> Optional[str]:

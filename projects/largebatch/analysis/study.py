@@ -115,6 +115,7 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
     ipe = info["iters_per_epoch"]
     evals = merge_evals(metrics, read_text(os.path.join(arm_dir, "log.txt")), eval_iterations(info))
     losses = [(m["iteration"], m["total_loss"]) for m in metrics if "total_loss" in m and "iteration" in m]
+    guard = [m["explosion_ratio_max"] for m in metrics if "explosion_ratio_max" in m]
     lr = info["lr"]
     match = LR_LINE.search(log)
     if match:
@@ -141,6 +142,7 @@ def summarize_arm(arm_dir: str, info: dict) -> dict:
         "ap": ap,
         "ap50": ap50,
         "final_loss": losses[-1][1] if losses else None,
+        "guard_max": guard[-1] if guard else None,  # the explosion guard's highest ratio over the steps taken
         "wall_s": result.get("wall_s"),
         "cpu_s": result.get("cpu_s"),
         "load": result.get("load_avg"),
@@ -216,14 +218,14 @@ def _divergence(r: dict) -> str:
 
 def table(rows: List[dict]) -> str:
     """The markdown table of the arms (rows of :func:`summarize_arm`)."""
-    head = ("| arm | optimizer | total batch | iterations | LR (resolved) | AP | AP50 | final loss | wall time "
-            "| CPU time | load | diverged? |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    head = ("| arm | optimizer | total batch | iterations | LR (resolved) | AP | AP50 | final loss | guard max "
+            "| wall time | CPU time | load | diverged? |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['optimizer']} | {r['total_batch']} | {r['max_iter']} | {r['lr']:g} "
             f"| {fmt_number(r['ap'])} | {fmt_number(r['ap50'])} | {fmt_number(r['final_loss'], '.3f')} "
-            f"| {fmt_duration(r['wall_s'])} | {fmt_duration(r['cpu_s'])} | {fmt_number(r['load'], '.1f')} "
-            f"| {_divergence(r)} |"
+            f"| {fmt_number(r.get('guard_max'), '.1f')} | {fmt_duration(r['wall_s'])} | {fmt_duration(r['cpu_s'])} "
+            f"| {fmt_number(r['load'], '.1f')} | {_divergence(r)} |"
         )
     return "\n".join(lines)

@@ -28,26 +28,30 @@ class ExplosionGuard:
         self.history: Deque[Tuple[float, float]] = deque(maxlen=self.window)  # (total loss, gradient norm)
         #: the last check's highest ratio to the median, and what it was of ("" before min_history iterations)
         self.ratio, self.ratio_of = 0.0, ""
+        #: the highest ratio of the run so far and its iteration (-1: none yet): how close it came to the factor
+        self.highest: Tuple[float, int] = (0.0, -1)
 
     def check(self, iteration: int, loss: float, grad_norm: float) -> None:
-        """Raise FloatingPointError if ``loss`` or ``grad_norm`` exploded; otherwise remember them."""
-        if self.factor <= 0:
-            return
+        """Raise FloatingPointError if ``loss`` or ``grad_norm`` exploded; otherwise remember them. The ratios
+        are measured with the guard off too (factor 0): they are what the trainer logs as ``explosion_ratio``."""
         self.ratio, self.ratio_of = 0.0, ""
         if len(self.history) >= self.min_history:
             for name, value, past in (("the total loss", loss, [h[0] for h in self.history]),
                                       ("the gradient norm", grad_norm, [h[1] for h in self.history])):
                 median = statistics.median(past)
                 if median > 0 and value / median > self.ratio:
-                    self.ratio, self.ratio_of = value / median, name
-                if median > 0 and value > self.factor * median:
-                    raise FloatingPointError(
-                        f"Training diverged at iteration {iteration}: {name} {value:.4g} is {value / median:.3g}x its "
-                        f"median {median:.4g} over the last {len(past)} iterations (MONITOR.EXPLOSION_FACTOR = "
-                        f"{self.factor:g}). Stopped on every worker before the optimizer step: nothing of this "
-                        "iteration was applied or checkpointed; --resume continues from the last good checkpoint "
-                        "(OUTPUT_DIR/last_checkpoint), e.g. with a lower SOLVER.BASE_LR, which a resume applies."
-                    )
+                    self.ratio, self.ratio_of, stopped_value, stopped_median = value / median, name, value, median
+            if self.ratio > self.highest[0]:
+                self.highest = (self.ratio, iteration)
+            if 0 < self.factor < self.ratio:
+                raise FloatingPointError(
+                    f"Training diverged at iteration {iteration}: {self.ratio_of} {stopped_value:.4g} is "
+                    f"{self.ratio:.3g}x its median {stopped_median:.4g} over the last {len(self.history)} iterations "
+                    f"(MONITOR.EXPLOSION_FACTOR = {self.factor:g}). Stopped on every worker before the optimizer "
+                    "step: nothing of this iteration was applied or checkpointed; --resume continues from the last "
+                    "good checkpoint (OUTPUT_DIR/last_checkpoint), e.g. with a lower SOLVER.BASE_LR, which a resume "
+                    "applies."
+                )
         self.history.append((float(loss), float(grad_norm)))
 
     def trouble(self) -> Optional[str]:
@@ -60,8 +64,10 @@ class ExplosionGuard:
                 f"MONITOR.EXPLOSION_FACTOR ({self.factor:g})")
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "highest": list(self.highest)}
 
     def load_state_dict(self, state: dict) -> None:
         self.history.clear()
         self.history.extend(tuple(h) for h in state.get("history", []))
+        ratio, iteration = state.get("highest", (0.0, -1))
+        self.highest = (float(ratio), int(iteration))

@@ -60,7 +60,9 @@ logger = logging.getLogger("largebatch")
 #: "optimizer" | "weight_grad_norm", "optimizer": class name, "period": MONITOR.PERIOD}``. Then one line
 #: per record: ``{"iter": i, "lr": [LR each param group stepped with], "trust_ratio": [one per layer]}``,
 #: plus ``"grad_var": {part: Phi}`` when the trainer measured Phi in that iteration and ``"agvm_mu": {part:
-#: mu}`` (AGVM's multipliers after that iteration's update) when AGVM is on. LRs are exact, the other
+#: mu}`` (AGVM's multipliers after that iteration's update) when AGVM is on, and ``"explosion_check":
+#: {"total_loss", "grad_norm", "explosion_ratio"}`` (what the explosion guard judged; the ratio is null in the
+#: first iterations, before the guard has history). LRs are exact, the other
 #: values have 6 significant digits; ``null`` marks a layer without gradient (or a non-finite value).
 #: Strict JSON (no NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k]. metrics.json and
 #: TensorBoard only get the latest value of each scalar every 20 iterations (detectron2's writers): this
@@ -225,6 +227,10 @@ class MonitorHook(HookBase):
                 if isinstance(self.optimizer, AGVM):
                     mu = self.optimizer.mu
                     record["agvm_mu"] = dict(zip(mu, _compact(torch.tensor(list(mu.values()), dtype=torch.float64))))
+                if measurement.explosion_check is not None:
+                    check = measurement.explosion_check
+                    record["explosion_check"] = dict(zip(check, _compact(torch.tensor(
+                        [math.nan if v is None else v for v in check.values()], dtype=torch.float64))))
                 with open(self.path, "a") as f:
                     f.write(_dumps(record) + "\n")
         self._check_jumps(iteration, current)

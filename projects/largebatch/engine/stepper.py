@@ -121,11 +121,11 @@ class LargeBatchStepper(SimpleTrainer):
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
                 g1, g2 = g1 * inv_scale, g2 * inv_scale
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
-        norms, grads_finite = self._check_finite(loss_dict)
+        norms, grads_finite, explosion_check = self._check_finite(loss_dict)
         phi = None
         if measure and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
             phi = self.measure_variance(g1, g2)
-        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi)
+        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
             if phi is not None and self.agvm.is_measurement_iter(self.iter):
@@ -168,9 +168,9 @@ class LargeBatchStepper(SimpleTrainer):
         requests (``request_stop``, e.g. on SIGTERM): ``stop_agreed`` is True on every worker in the iteration in
         which any worker asked. One host sync for all of it.
 
-        Returns the per-parameter gradient norms (layout order, parameters with a gradient only) and whether
-        the gradients are finite: with AMP, non-finite gradients are GradScaler's overflow, whose step it skips
-        (not a divergence)."""
+        Returns the per-parameter gradient norms (layout order, parameters with a gradient only), whether
+        the gradients are finite (with AMP, non-finite gradients are GradScaler's overflow, whose step it skips:
+        not a divergence) and the explosion guard's reading (``GradientMeasurement.explosion_check``)."""
         with_grad = [p for p in self.layout.params if p.grad is not None]
         norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).float() if with_grad else None
         device = norms.device if norms is not None else self.layout.params[0].device
@@ -192,10 +192,11 @@ class LargeBatchStepper(SimpleTrainer):
         finite = torch.isfinite(losses)
         grads_finite = bool(finite[:, -1].all())
         if bool(finite[:, :-1].all()) and (grads_finite or self.grad_scaler is not None):
+            explosion_check = None
             if grads_finite:  # the same values on every worker: the same decision
-                total_loss = float(losses[:, :-1].sum(dim=1).mean())
-                self.explosion_guard.check(self.iter, total_loss, float(table[rank, -2]))
-            return norms if norms is not None else torch.zeros(0, device=device), grads_finite
+                explosion_check = self._check_explosion(float(losses[:, :-1].sum(dim=1).mean()),
+                                                        float(table[rank, -2]))
+            return norms if norms is not None else torch.zeros(0, device=device), grads_finite, explosion_check
         part_of = {id(p): g["module"] for p, g in zip(self.layout.params, self.layout.groups)}
         parts = list(dict.fromkeys(part_of[id(p)] for p in self.layout.params))  # detector-part order
 
@@ -221,6 +222,20 @@ class LargeBatchStepper(SimpleTrainer):
             "optimizer step: nothing of this iteration was applied or checkpointed, and --resume continues from "
             "the last good checkpoint (OUTPUT_DIR/last_checkpoint)."
         )
+
+    def _check_explosion(self, total_loss: float, grad_norm: float) -> Dict[str, Optional[float]]:
+        """The explosion guard's check (raises when it trips); logs the global gradient norm, the guard's ratio
+        and the run's highest ratio so far every iteration (metrics.json, TensorBoard): how close a run comes to
+        MONITOR.EXPLOSION_FACTOR."""
+        guard = self.explosion_guard
+        guard.check(self.iter, total_loss, grad_norm)
+        ratio = guard.ratio if guard.ratio_of else None
+        storage = get_event_storage()
+        storage.put_scalar("grad_norm", grad_norm, smoothing_hint=False)
+        if ratio is not None:
+            storage.put_scalar("explosion_ratio", ratio, smoothing_hint=False)
+            storage.put_scalar("explosion_ratio_max", guard.highest[0], smoothing_hint=False)  # of the run so far
+        return {"total_loss": total_loss, "grad_norm": grad_norm, "explosion_ratio": ratio}
 
     def measure_variance(self, g1: torch.Tensor, g2: torch.Tensor) -> Dict[str, float]:
         """grad_var/<part> = 1 - cos(G1, G2) (AGVM eq. 3) from the two half means G1 / G2 (flat, layout order),
