@@ -9,6 +9,7 @@ MODEL.DEVICE decides the workers: cuda -> one process per GPU over NCCL; cpu -> 
 worker processes over gloo, with the GPUs hidden from them.
 """
 import os
+import re
 import sys
 import warnings
 from datetime import timedelta
@@ -23,7 +24,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
-from largebatch.config import ConfigError, describe_error, load_config
+from largebatch.config import ConfigError, describe_error, load_config, validate_training
 from largebatch.data import check_images, register_datasets
 from largebatch.engine.checkpoint import check_weights_fit
 from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
@@ -70,6 +71,25 @@ def check_arguments(args):
     if not 0 <= args.machine_rank < args.num_machines:
         raise ConfigError(f"--machine-rank {args.machine_rank} is not allowed with --num-machines "
                           f"{args.num_machines}: expected 0 to {args.num_machines - 1}")
+    url = args.dist_url
+    tcp = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+):(\d{1,5})", url)
+    if url == "auto" and args.num_machines > 1:
+        raise ConfigError(f"--dist-url auto is not allowed with --num-machines {args.num_machines}: expected "
+                          "tcp://HOST:PORT of machine 0, the same on every machine")
+    if not (url in ("auto", "env://") or url.startswith("file://") or (tcp and 0 < int(tcp.group(2)) < 65536)):
+        raise ConfigError(f"--dist-url {url} is not allowed: expected tcp://HOST:PORT (port 1-65535), auto (one "
+                          "machine: a free port), file://PATH or env://")
+
+
+def make_output_dir(path):
+    """OUTPUT_DIR exists and takes files: made here, once, so that a path that cannot be is one line now, not an
+    error in every worker after start-up."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR = {path!r} is not allowed: it cannot be created ({describe_error(e)})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"OUTPUT_DIR = {path!r} is not allowed: this user cannot write into it")
 
 
 def check_weights_file(cfg, path, whole=False, key="MODEL.WEIGHTS"):
@@ -112,6 +132,8 @@ def cli(argv=None):
     try:  # fail before any worker starts: one line, no traceback
         check_arguments(args)
         cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
+        if not args.eval_only:
+            validate_training(cfg, args.num_gpus * args.num_machines)
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
         register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
@@ -122,6 +144,7 @@ def cli(argv=None):
             check_weights_file(cfg, resumed, whole=True, key="--resume: the last checkpoint")
         elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
             check_weights_file(cfg, cfg.MODEL.WEIGHTS, whole=args.eval_only)
+        make_output_dir(cfg.OUTPUT_DIR)  # last: a run refused above leaves nothing behind
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

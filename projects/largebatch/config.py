@@ -18,6 +18,8 @@ from .optim.groups import DETECTOR_PARTS
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
+#: the image formats detectron2's loader and models take (detectron2.data.detection_utils.read_image)
+INPUT_FORMATS = ("BGR", "RGB", "YUV-BT.601", "L")
 DEVICE_KINDS = ("cuda", "cpu")
 
 
@@ -263,7 +265,14 @@ def validate(cfg, num_workers=None):
         "SOLVER.RESTARTS.CYCLE_ITERS": s.RESTARTS.CYCLE_ITERS,
         "MONITOR.PERIOD": cfg.MONITOR.PERIOD,
         "MONITOR.EXPLOSION_WINDOW": cfg.MONITOR.EXPLOSION_WINDOW,
+        "SOLVER.GAMMA": s.GAMMA,  # 0 would make the LR 0 at the first step for good
+        "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN,
+        "INPUT.MAX_SIZE_TEST": cfg.INPUT.MAX_SIZE_TEST,
     }
+    if s.CLIP_GRADIENTS.ENABLED:
+        choice(s.CLIP_GRADIENTS.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", ("value", "norm"))
+        positive["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"] = s.CLIP_GRADIENTS.CLIP_VALUE
+        positive["SOLVER.CLIP_GRADIENTS.NORM_TYPE"] = s.CLIP_GRADIENTS.NORM_TYPE
     for key, value in positive.items():
         if not value > 0:
             fail(key, value, "expected a number > 0")
@@ -284,6 +293,8 @@ def validate(cfg, num_workers=None):
         "MODEL.SYNC_BN.GROUP_SIZE": cfg.MODEL.SYNC_BN.GROUP_SIZE,
         "MONITOR.DIVERGENCE_FACTOR": cfg.MONITOR.DIVERGENCE_FACTOR,
         "MONITOR.EXPLOSION_FACTOR": cfg.MONITOR.EXPLOSION_FACTOR,
+        "DATALOADER.NUM_WORKERS": cfg.DATALOADER.NUM_WORKERS,
+        "INPUT.MIN_SIZE_TEST": cfg.INPUT.MIN_SIZE_TEST,  # 0: no resizing at test time (detectron2)
     }
     for key, value in non_negative.items():
         if not value >= 0:
@@ -305,6 +316,12 @@ def validate(cfg, num_workers=None):
         fail("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, "expected a number > 0 (iterations, or epochs)")
     if not (isinstance(s.CHECKPOINTS_TO_KEEP, int) and s.CHECKPOINTS_TO_KEEP >= 0):
         fail("SOLVER.CHECKPOINTS_TO_KEEP", s.CHECKPOINTS_TO_KEEP, "expected a whole number >= 0 (0: keep all)")
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    if isinstance(sizes, int):
+        sizes = (sizes,)
+    if not sizes or not all(isinstance(v, int) and v > 0 for v in sizes):
+        fail("INPUT.MIN_SIZE_TRAIN", cfg.INPUT.MIN_SIZE_TRAIN, "expected sizes > 0 in pixels, e.g. (640, 800)")
+    choice(cfg.INPUT.FORMAT, "INPUT.FORMAT", INPUT_FORMATS)
     if not cfg.TEST.EVAL_PERIOD >= 0:
         fail("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "expected a number >= 0 (0: evaluate at the end only)")
     if os.path.exists(cfg.OUTPUT_DIR) and not os.path.isdir(cfg.OUTPUT_DIR):
@@ -353,6 +370,17 @@ def validate(cfg, num_workers=None):
                 "(AGVM or MONITOR.GRAD_VARIANCE): expected >= 2 images, split in two halves"
             )
     return cfg
+
+
+def validate_training(cfg, num_workers: int) -> None:
+    """What training needs beyond ``validate`` (evaluation does not): a training dataset, and BN groups that
+    split the workers evenly (``--eval-only`` takes any number of workers: its BN layers do not communicate)."""
+    if not cfg.DATASETS.TRAIN:
+        fail("DATASETS.TRAIN", tuple(cfg.DATASETS.TRAIN), "expected at least one dataset to train on")
+    group = cfg.MODEL.SYNC_BN.GROUP_SIZE
+    if cfg.MODEL.SYNC_BN.ENABLED and group > 0 and num_workers > 1 and num_workers % group:
+        fail("MODEL.SYNC_BN.GROUP_SIZE", group,
+             f"expected a divisor of the {num_workers} workers (equal BN groups), or 0 for all of them")
 
 
 def load_config(config_file: str, opts=(), num_workers: int = 1):
