@@ -50,6 +50,11 @@ def main(args):
 def argument_parser():
     """detectron2's arguments, and how long the workers of all machines wait for each other."""
     parser = default_argument_parser()
+
+    def one_line_error(message):  # argparse's usage block + error: one line, as for every other bad input
+        parser.exit(2, f"error: {message} (train_net.py -h lists the arguments)\n")
+
+    parser.error = one_line_error
     parser.add_argument("--dist-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT.total_seconds() / 60,
                         help="minutes the workers wait for every machine to join before they give up, naming the "
                              "missing ones (the collectives' own timeout stays 30 min)")
@@ -140,6 +145,12 @@ def cli(argv=None):
         if not launched_by_torchrun() or os.environ["LOCAL_RANK"] == "0":  # once per machine
             check_images(cfg, ("TEST",) if args.eval_only else ("TRAIN", "TEST"))  # missing, unreadable, truncated
         resumed = resumed_checkpoint(cfg) if args.resume else None
+        earlier = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+        if not args.resume and not args.eval_only and os.path.isfile(earlier):
+            # detectron2's behaviour, kept (re-running a config is common), but never without a word
+            print(f"warning: OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds an earlier run's checkpoints ({earlier}): this run "
+                  "starts afresh and overwrites the files of the same names; --resume continues that run instead",
+                  file=sys.stderr)
         if resumed is not None:  # the run's own checkpoint: all of it must fit (another config's OUTPUT_DIR?)
             check_weights_file(cfg, resumed, whole=True, key="--resume: the last checkpoint")
         elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:

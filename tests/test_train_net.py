@@ -113,6 +113,7 @@ def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
          "--dist-url tcp://127.0.0.1:99999 is not allowed"),
         (["--num-machines", "2", "--dist-url", "auto", "--config-file", CONFIG],
          "--dist-url auto is not allowed with --num-machines 2: expected tcp://HOST:PORT of machine 0"),
+        (["--num-gpus", "two", "--config-file", CONFIG], "error: argument --num-gpus: invalid int value: 'two'"),
     ],
 )
 def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):
@@ -519,3 +520,18 @@ def test_a_whole_number_for_a_float_key_is_that_float(make_config):
         float, float, int]
     with pytest.raises(ConfigError, match=r"^command line: Type mismatch .* SOLVER.BASE_LR"):
         make_config("SOLVER.BASE_LR", "'fast'")
+
+
+def test_training_into_an_earlier_runs_folder_says_what_it_overwrites(tmp_path, capsys, monkeypatch):
+    """detectron2 trains into an OUTPUT_DIR with an earlier run's checkpoints and overwrites the files of the same
+    names; kept (re-running a config is common), but said before anything starts, with the way to continue it."""
+    monkeypatch.chdir(REPO)
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    cli_module.cli(["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"warning: OUTPUT_DIR '{tmp_path}' holds an earlier run's checkpoints" in err and "--resume" in err, err
+    cli_module.cli(["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "new")])
+    assert "warning" not in capsys.readouterr().err
