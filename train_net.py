@@ -97,18 +97,27 @@ def make_output_dir(path):
         raise ConfigError(f"OUTPUT_DIR = {path!r} is not allowed: this user cannot write into it")
 
 
-def check_weights_file(cfg, path, whole=False, key="MODEL.WEIGHTS"):
+def build_model_on_cpu(cfg):
+    """The detector, built once here on the CPU: a config it cannot be built from (a META_ARCHITECTURE or
+    BACKBONE.NAME nobody registered, a ResNet depth that does not exist, ...) is one line now, not an error in
+    every worker after start-up."""
+    on_cpu = cfg.clone()
+    on_cpu.MODEL.DEVICE = "cpu"
+    try:
+        return LargeBatchTrainer.build_model(on_cpu, for_training=False)
+    except Exception as e:  # noqa: BLE001 - whatever detectron2's builders raise, the user gets one line
+        raise ConfigError(f"MODEL: the detector cannot be built from this config ({describe_error(e, 200)})") from None
+
+
+def check_weights_file(cfg, model, path, whole=False, key="MODEL.WEIGHTS"):
     """The checkpoint at ``path`` can be read (a truncated or foreign file fails here, not in every worker after
-    start-up), and fits the model, built here once on the CPU (``check_weights_fit``: weights of another
-    architecture are refused; a backbone-only checkpoint or other class-count layers are accepted, and said)."""
+    start-up), and fits ``model`` (``check_weights_fit``: weights of another architecture are refused; a
+    backbone-only checkpoint or other class-count layers are accepted, and said)."""
     try:
         checkpoint = DetectionCheckpointer(None)._load_file(path)  # detectron2's own loader: .pkl, .pyth, .pth
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
         raise ConfigError(f"{key} = {path!r} is not allowed: it cannot be read as a checkpoint "
                           f"({describe_error(e)})") from None
-    on_cpu = cfg.clone()
-    on_cpu.MODEL.DEVICE = "cpu"
-    model = LargeBatchTrainer.build_model(on_cpu, for_training=False)
     note = check_weights_fit(model, checkpoint, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole, key)
     if note:
         print(f"{key} = {path!r}: {note}")
@@ -151,10 +160,12 @@ def cli(argv=None):
             print(f"warning: OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds an earlier run's checkpoints ({earlier}): this run "
                   "starts afresh and overwrites the files of the same names; --resume continues that run instead",
                   file=sys.stderr)
+        model = build_model_on_cpu(cfg)
         if resumed is not None:  # the run's own checkpoint: all of it must fit (another config's OUTPUT_DIR?)
-            check_weights_file(cfg, resumed, whole=True, key="--resume: the last checkpoint")
+            check_weights_file(cfg, model, resumed, whole=True, key="--resume: the last checkpoint")
         elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
-            check_weights_file(cfg, cfg.MODEL.WEIGHTS, whole=args.eval_only)
+            check_weights_file(cfg, model, cfg.MODEL.WEIGHTS, whole=args.eval_only)
+        del model  # the workers build their own
         make_output_dir(cfg.OUTPUT_DIR)  # last: a run refused above leaves nothing behind
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

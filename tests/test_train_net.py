@@ -114,6 +114,14 @@ def test_one_machine_runs_pick_a_free_port_unless_told(monkeypatch):
         (["--num-machines", "2", "--dist-url", "auto", "--config-file", CONFIG],
          "--dist-url auto is not allowed with --num-machines 2: expected tcp://HOST:PORT of machine 0"),
         (["--num-gpus", "two", "--config-file", CONFIG], "error: argument --num-gpus: invalid int value: 'two'"),
+        (["--config-file", "tests/data/missing_base.yaml"], "tests/data/missing_base.yaml: FileNotFoundError: "),
+        (["--config-file", "tests/data/not_a_mapping.yaml"],
+         "tests/data/not_a_mapping.yaml: expected KEY: value lines of config keys"),
+        (["--config-file", CONFIG, "MODEL.BACKBONE.NAME", "build_nope_backbone"],
+         "MODEL: the detector cannot be built from this config (KeyError: \"No object named 'build_nope_backbone'"),
+        (["--config-file", CONFIG, "MODEL.PIXEL_STD", "[0.0, 1.0, 1.0]"],
+         "MODEL.PIXEL_STD = (0.0, 1.0, 1.0) is not allowed: expected one number > 0 per MODEL.PIXEL_MEAN entry"),
+        (["--config-file", CONFIG, "INPUT.RANDOM_FLIP", "diagonal"], "INPUT.RANDOM_FLIP = 'diagonal' is not allowed"),
     ],
 )
 def test_bad_arguments_fail_at_once_with_one_line(argv, message, capsys, monkeypatch):

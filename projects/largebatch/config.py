@@ -322,6 +322,10 @@ def validate(cfg, num_workers=None):
     if not sizes or not all(isinstance(v, int) and v > 0 for v in sizes):
         fail("INPUT.MIN_SIZE_TRAIN", cfg.INPUT.MIN_SIZE_TRAIN, "expected sizes > 0 in pixels, e.g. (640, 800)")
     choice(cfg.INPUT.FORMAT, "INPUT.FORMAT", INPUT_FORMATS)
+    choice(cfg.INPUT.RANDOM_FLIP, "INPUT.RANDOM_FLIP", ("none", "horizontal", "vertical"))
+    mean, std = tuple(cfg.MODEL.PIXEL_MEAN), tuple(cfg.MODEL.PIXEL_STD)
+    if not std or len(std) != len(mean) or not all(v > 0 for v in std):
+        fail("MODEL.PIXEL_STD", std, f"expected one number > 0 per MODEL.PIXEL_MEAN entry ({len(mean)})")
     if not cfg.TEST.EVAL_PERIOD >= 0:
         fail("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "expected a number >= 0 (0: evaluate at the end only)")
     if os.path.exists(cfg.OUTPUT_DIR) and not os.path.isdir(cfg.OUTPUT_DIR):
@@ -410,10 +414,15 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
                           ("command line", lambda: cfg.merge_from_list(_whole_numbers_as_floats(cfg, opts)))):
         try:
             merge()
-        except (KeyError, AssertionError, ValueError, TypeError, yaml.YAMLError) as e:
+        except (KeyError, AssertionError, ValueError, TypeError, AttributeError, OSError, yaml.YAMLError) as e:
             message = str(e.args[0] if e.args else e).splitlines()[0]
             if "Non-existent" in message:  # yacs, for files (KeyError) and for KEY VALUE lists (AssertionError)
                 raise ConfigError(_unknown_key_message(cfg, source, message.split(":")[-1].strip())) from None
+            if isinstance(e, OSError):  # a _BASE_ file that is not there
+                message = describe_error(e)
+            elif isinstance(e, (AttributeError, TypeError)) and "Type mismatch" not in message:
+                # an empty file (None) or a list where yacs expects "KEY: value" lines
+                message = f"expected KEY: value lines of config keys ({describe_error(e)})"
             raise ConfigError(f"{source}: {message}") from None
     if device_kind(cfg.MODEL.DEVICE) == "cuda" and not torch.cuda.is_available():
         # not silent: said in the log and shown in the saved config
