@@ -543,3 +543,26 @@ def test_training_into_an_earlier_runs_folder_says_what_it_overwrites(tmp_path, 
     assert f"warning: OUTPUT_DIR '{tmp_path}' holds an earlier run's checkpoints" in err and "--resume" in err, err
     cli_module.cli(["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "new")])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_weights_of_a_diverged_run_fail_before_training(tmp_path, capsys, monkeypatch):
+    """A checkpoint holding NaN / inf (written after the weights blew up) is refused by --resume and MODEL.WEIGHTS
+    alike, naming the part, instead of a run that stops at its first iteration."""
+    monkeypatch.chdir(REPO)
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(cli_module, "hide_gpus", lambda: None)
+    state = _model_state()
+    state["roi_heads.box_head.fc1.weight"][0, 0] = float("inf")
+    torch.save({"model": state, "iteration": 9}, tmp_path / "model_0000009.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    for argv in (["--resume", "--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path)],
+                 ["--config-file", CONFIG, "MODEL.WEIGHTS", str(tmp_path / "model_0000009.pth"), "OUTPUT_DIR",
+                  str(tmp_path / "new")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_module.cli(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert ("is not allowed: it holds non-finite values (1 tensors of the box_head; first: "
+                "roi_heads.box_head.fc1.weight): the weights of a diverged run") in err, err

@@ -139,6 +139,7 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
     Accepted, with the returned note saying why: the whole model; the backbone alone (an ImageNet checkpoint: FPN,
     RPN and heads start from their initialisation); other class-count layers. Only parameters count as missing:
     ImageNet .pkl files hold no BatchNorm statistics. ``whole`` (--eval-only, --resume): every tensor must load.
+    Weights with NaN / inf (a diverged run's checkpoint) are refused too.
     ``key`` names the file's origin in the message."""
     incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
     params = dict(model.named_parameters())
@@ -163,6 +164,11 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
                "another architecture (another depth or variant)")
     if whole and (missing or shapes):
         refuse(f"every weight of the model is needed; {len(missing)} are not in it (first: {missing[0]})")
+    broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        parts = ", ".join(dict.fromkeys(partition(k) for k in broken))
+        refuse(f"it holds non-finite values ({len(broken)} tensors of the {parts}; first: {broken[0]}): the weights of "
+               "a diverged run; start from an earlier checkpoint (for --resume: name it in OUTPUT_DIR/last_checkpoint)")
     notes = []
     if shapes:
         k, theirs, ours = shapes[0]
