@@ -109,9 +109,10 @@ def report(diverging: List[dict], healthy: List[dict], args, command: str) -> st
         r_after, it_after = max_ratio(run, args.warmup)
         rows.append([run["name"], len(run["iters"]), f"{r_all:.2f} (iteration {it_all})",
                      f"{r_after:.2f} (iteration {it_after})", run["non_finite"] or "no"])
-    text += ["## Healthy runs (the recipes' LR)", "",
-             markdown_table(["run", "iterations", "highest ratio", f"highest after iteration {args.warmup}",
-                             "non-finite?"], rows, right=(1,)), ""]
+    if rows:
+        text += ["## Healthy runs (the recipes' LR)", "",
+                 markdown_table(["run", "iterations", "highest ratio", f"highest after iteration {args.warmup}",
+                                 "non-finite?"], rows, right=(1,)), ""]
     stops = {f: [first_above(r, f) for r in diverging] for f in factors}
     highest = max((max_ratio(r)[0] for r in healthy), default=0.0)
     lines = []
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,2,3,4,5,6", help="seeds of the diverging run (default 1-6)")
     p.add_argument("--max-iter", type=int, default=60,
                    help="iterations of a diverging run at most (the LR schedule does not depend on it; default 60)")
-    p.add_argument("--healthy-iters", type=int, default=200, help="iterations of each healthy run (default 200)")
+    p.add_argument("--healthy-iters", type=int, default=200,
+                   help="iterations of each healthy run (default 200; 0: none)")
     p.add_argument("--warmup", type=int, default=50, help="the healthy runs' warm-up, for the table (default 50)")
     p.add_argument("--factors", default="4,6,8,10,15", help="factors to report (default 4,6,8,10,15)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
                                                   "SOLVER.STEPS", "()"], out_root, args) for seed in seeds]
     healthy = [measure(name, path, ["SOLVER.SCHEDULE_UNIT", "iter", "SOLVER.MAX_ITER", str(args.healthy_iters),
                                     "SOLVER.WARMUP_ITERS", str(args.warmup), "SOLVER.STEPS", "()"], out_root, args)
-               for name, path in HEALTHY.items()]
+               for name, path in HEALTHY.items() if args.healthy_iters > 0]
     command = "python bench/explosion_guard.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     text = report(diverging, healthy, args, command.strip())
     atomic_write(os.path.join(out_root, "explosion_guard.md"), lambda f: f.write(text))

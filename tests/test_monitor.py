@@ -375,12 +375,12 @@ def test_explosion_guard_stops_on_a_spike_of_the_loss_or_the_gradient_norm():
 @pytest.mark.slow
 def test_the_guard_study_finds_the_default_stopping_before_the_values_turn_non_finite(tmp_path):
     """bench/explosion_guard.py on one seed of the diverging run (2 workers, BASE_LR 0.3, the guard measuring
-    only) and two short healthy runs: the run turns non-finite, the default factor 10 would have stopped it at
-    least 2 iterations earlier, and the report says so."""
+    only; no healthy runs): the run turns non-finite, the default factor 10 would have stopped it at least 2
+    iterations earlier, and the report says so."""
     from helpers import run_python
 
-    result = run_python("bench/explosion_guard.py", "--seeds", "1", "--healthy-iters", "8", "--warmup", "4",
-                        "--factors", "10", "--output", str(tmp_path), timeout=900)
+    result = run_python("bench/explosion_guard.py", "--seeds", "1", "--healthy-iters", "0", "--factors", "10",
+                        "--output", str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "explosion_guard.json") as f:
         data = json.load(f)
@@ -388,8 +388,7 @@ def test_the_guard_study_finds_the_default_stopping_before_the_values_turn_non_f
     stop = next(it for it, r in zip(run["iters"], run["ratio"]) if r is not None and r > 10)
     assert run["non_finite"] is not None and run["non_finite"] - stop >= 2, (stop, run["non_finite"])
     assert run["iters"] == list(range(run["non_finite"]))  # every iteration before it recorded
-    assert [h["non_finite"] for h in data["healthy"]] == [None, None]
-    assert all(len(h["iters"]) == 8 and max(r for r in h["ratio"] if r is not None) < 10 for h in data["healthy"])
+    assert data["healthy"] == []
     text = (tmp_path / "explosion_guard.md").read_text()
     assert f"factor 10: stops 1 of 1 diverging runs {run['non_finite'] - stop}-{run['non_finite'] - stop} " in text
 
