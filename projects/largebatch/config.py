@@ -12,6 +12,7 @@ import os
 import yaml
 from detectron2.config import CfgNode as CN
 
+from .norm import groups_divide
 from .optim.build import OPTIMIZERS
 from .optim.groups import DETECTOR_PARTS
 
@@ -382,7 +383,7 @@ def validate_training(cfg, num_workers: int) -> None:
     if not cfg.DATASETS.TRAIN:
         fail("DATASETS.TRAIN", tuple(cfg.DATASETS.TRAIN), "expected at least one dataset to train on")
     group = cfg.MODEL.SYNC_BN.GROUP_SIZE
-    if cfg.MODEL.SYNC_BN.ENABLED and group > 0 and num_workers > 1 and num_workers % group:
+    if cfg.MODEL.SYNC_BN.ENABLED and not groups_divide(group, num_workers):
         fail("MODEL.SYNC_BN.GROUP_SIZE", group,
              f"expected a divisor of the {num_workers} workers (equal BN groups), or 0 for all of them")
 

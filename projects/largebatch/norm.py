@@ -48,6 +48,7 @@ __all__ = [
     "build_sync_bn_from_cfg",
     "group_all_reduce",
     "get_bn_group",
+    "groups_divide",
 ]
 
 logger = logging.getLogger("largebatch")
@@ -62,10 +63,16 @@ def _dist_world_size():
     return 1
 
 
+def groups_divide(group_size: int, world_size: int) -> bool:
+    """Whether BN groups of ``group_size`` consecutive workers (0: all of them) split ``world_size`` workers into
+    groups of equal size; a single worker always is its own group."""
+    return group_size == 0 or world_size <= 1 or world_size % group_size == 0
+
+
 def _check_group_size(group_size, world_size):
     if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size < 0:
         raise ValueError(f"SyncBN group_size must be an integer >= 0 (0 = all workers), got {group_size!r}")
-    if group_size > 0 and world_size > 1 and world_size % group_size != 0:
+    if not groups_divide(group_size, world_size):
         raise ValueError(
             f"SyncBN group_size={group_size} does not divide the world size {world_size}: the workers must split "
             f"into groups of equal size (choose a divisor of {world_size}, or 0 for all workers)"

@@ -225,7 +225,7 @@ def table(rows: List[dict]) -> str:
         lines.append(
             f"| {r['arm']} | {r['optimizer']} | {r['total_batch']} | {r['max_iter']} | {r['lr']:g} "
             f"| {fmt_number(r['ap'])} | {fmt_number(r['ap50'])} | {fmt_number(r['final_loss'], '.3f')} "
-            f"| {fmt_number(r.get('guard_max'), '.1f')} | {fmt_duration(r['wall_s'])} | {fmt_duration(r['cpu_s'])} "
+            f"| {fmt_number(r['guard_max'], '.1f')} | {fmt_duration(r['wall_s'])} | {fmt_duration(r['cpu_s'])} "
             f"| {fmt_number(r['load'], '.1f')} | {_divergence(r)} |"
         )
     return "\n".join(lines)
