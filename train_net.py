@@ -113,12 +113,7 @@ def check_weights_file(cfg, model, path, whole=False, key="MODEL.WEIGHTS"):
     """The checkpoint at ``path`` can be read (a truncated or foreign file fails here, not in every worker after
     start-up), and fits ``model`` (``check_weights_fit``: weights of another architecture are refused; a
     backbone-only checkpoint or other class-count layers are accepted, and said)."""
-    try:
-        checkpoint = DetectionCheckpointer(None)._load_file(path)  # detectron2's own loader: .pkl, .pyth, .pth
-    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
-        raise ConfigError(f"{key} = {path!r} is not allowed: it cannot be read as a checkpoint "
-                          f"({describe_error(e)})") from None
-    note = check_weights_fit(model, checkpoint, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole, key)
+    note = check_weights_fit(model, path, ModulePartition(cfg.MODEL.MODULE_PARTITION), whole, key)
     if note:
         print(f"{key} = {path!r}: {note}")
 

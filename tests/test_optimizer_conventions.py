@@ -142,3 +142,59 @@ def test_mixed_dtype_and_float64(name):
             w.grad = torch.randn_like(w)
         opt.step()
     assert all(torch.isfinite(w).all() for w in ws)
+
+
+def _named_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+
+
+def _train(model, optimizer, steps=4):
+    torch.manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 5)).pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(CTORS))
+def test_named_parameters_step_as_the_plain_ones_and_round_trip(name):
+    """model.named_parameters() and named groups, as torch.optim takes them: the names land in the groups'
+    "param_names", the steps are those of the unnamed optimizer, and a state dict moves between named and unnamed
+    optimizers both ways (torch's rule: the names do not decide the loading) and continues identically."""
+    plain, named, grouped = _named_model(), _named_model(), _named_model()
+    opt_plain = CTORS[name](plain.parameters(), weight_decay=1e-2)
+    opt_named = CTORS[name](named.named_parameters(), weight_decay=1e-2)
+    params = list(grouped.named_parameters())
+    opt_grouped = CTORS[name]([{"params": params[:2]}, {"params": params[2:]}], weight_decay=1e-2)
+    assert opt_named.param_groups[0]["param_names"] == [n for n, _ in named.named_parameters()]
+    assert opt_grouped.param_groups[1]["param_names"] == ["2.weight", "2.bias"]
+    for model, opt in ((plain, opt_plain), (named, opt_named), (grouped, opt_grouped)):
+        _train(model, opt)
+    for a, b, c in zip(plain.parameters(), named.parameters(), grouped.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    saved_named, saved_plain = copy.deepcopy(opt_named.state_dict()), copy.deepcopy(opt_plain.state_dict())
+    assert saved_named["param_groups"][0]["param_names"][0] == "0.weight"
+    for source, saved in ((named, saved_named), (plain, saved_plain)):
+        for target_named in (True, False):
+            model = copy.deepcopy(source)
+            opt = CTORS[name](model.named_parameters() if target_named else model.parameters(), weight_decay=1e-2)
+            opt.load_state_dict(copy.deepcopy(saved))
+            _train(model, opt)
+            reference = copy.deepcopy(plain)
+            ref_opt = CTORS[name](reference.parameters(), weight_decay=1e-2)
+            ref_opt.load_state_dict(copy.deepcopy(saved_plain))
+            _train(reference, ref_opt)
+            for a, b in zip(reference.parameters(), model.parameters()):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    opt_named.add_param_group({"params": [("extra", Parameter(torch.randn(3)))]})
+    assert opt_named.param_groups[-1]["param_names"] == ["extra"]
+    with pytest.raises(ValueError, match="names"):  # torch.optim's rule: all with names, or none
+        CTORS[name]([("a", Parameter(torch.randn(2))), Parameter(torch.randn(2))])
+
+
+@pytest.mark.parametrize("name", ["lamb", "pmdlamb"])
+def test_named_complex_parameters_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=r"does not support complex parameters \(shapes \[\(2,\)\]\)"):
+        CTORS[name]([("w", Parameter(torch.randn(2, dtype=torch.complex64)))])

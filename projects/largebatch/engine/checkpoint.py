@@ -14,11 +14,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
-from ..config import ConfigError
+from ..config import ConfigError, describe_error
 from ..files import atomic_write
 from ..optim.groups import ModulePartition
 
-__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "check_weights_fit", "rng_state", "set_rng_state"]
+__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "check_weights_fit", "load_weights", "rng_state",
+           "set_rng_state"]
 logger = logging.getLogger("largebatch")
 
 
@@ -126,12 +127,34 @@ CLASS_COUNT_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor
                       "roi_heads.keypoint_head.score_lowres.", "sem_seg_head.predictor.", "head.cls_score.")
 
 
-def check_weights_fit(model, checkpoint: dict, path: str, partition: ModulePartition, whole: bool = False,
-                      key: str = "MODEL.WEIGHTS"):
-    """Load ``checkpoint`` (as ``DetectionCheckpointer._load_file`` read it from ``path``) into ``model`` the way
-    detectron2 does (its name matching for .pkl files included), and refuse weights of another architecture with a
-    ConfigError (one line) where detectron2 would only warn:
+class _WeightsLoader(DetectionCheckpointer):
+    """detectron2's checkpointer, loading through its public ``load`` (the same file formats and name matching as
+    MODEL.WEIGHTS in training, on detectron2 0.6 and main alike), which keeps what the load did not match:
+    ``_load_model`` is the hook fvcore's Checkpointer gives subclasses for loading the model, and it returns
+    the incompatible keys that ``load`` only logs."""
 
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def load_weights(model, path: str):
+    """Load the checkpoint at ``path`` into ``model`` as detectron2 loads MODEL.WEIGHTS (.pth, .pkl, .pyth) and
+    return what did not fit (fvcore's ``_IncompatibleKeys``: missing, unexpected, incorrect shapes). Raises what
+    detectron2's loader raises for a file it cannot read."""
+    loader = _WeightsLoader(model)
+    loader.load(path, checkpointables=[])
+    return loader.incompatible
+
+
+def check_weights_fit(model, path: str, partition: ModulePartition, whole: bool = False, key: str = "MODEL.WEIGHTS"):
+    """Load the checkpoint at ``path`` into ``model`` the way detectron2 does (``load_weights``: its name matching
+    for .pkl files included), and refuse weights of another architecture with a ConfigError (one line) where
+    detectron2 would only warn:
+
+    - a file detectron2 cannot read (truncated, not a checkpoint);
     - a tensor whose shape differs from the model's, except in the class-count layers (``CLASS_COUNT_LAYERS``):
       fine-tuning to another number of classes, where detectron2 leaves them to their initialisation on purpose;
     - a backbone the file holds none of (almost nothing in common), or only part of (another depth or variant).
@@ -141,16 +164,18 @@ def check_weights_fit(model, checkpoint: dict, path: str, partition: ModuleParti
     ImageNet .pkl files hold no BatchNorm statistics. ``whole`` (--eval-only, --resume): every tensor must load.
     Weights with NaN / inf (a diverged run's checkpoint) are refused too.
     ``key`` names the file's origin in the message."""
-    incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
+    def refuse(why):
+        raise ConfigError(f"{key} = {path!r} is not allowed: {why}")
+
+    try:
+        incompatible = load_weights(model, path)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the user gets one line
+        refuse(f"it cannot be read as a checkpoint ({describe_error(e)})")
     params = dict(model.named_parameters())
     shapes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
     missing = [k for k in incompatible.missing_keys if k in params] + [k for k, _, _ in shapes if k in params]
     backbone = [k for k in params if partition(k) == "backbone"]
     lacking = [k for k in backbone if k in missing]
-
-    def refuse(why):
-        raise ConfigError(f"{key} = {path!r} is not allowed: {why}")
-
     foreign = [s for s in shapes if not s[0].startswith(CLASS_COUNT_LAYERS)]
     if foreign:
         k, theirs, ours = foreign[0]

@@ -293,7 +293,9 @@ class _LambBase(TrustRatioOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        complex_ = [tuple(p.shape) for p in params if torch.is_complex(p)]
+        # (name, tensor) pairs, as model.named_parameters() gives them: torch.optim takes the names apart
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        complex_ = [tuple(p.shape) for p in tensors if isinstance(p, Tensor) and torch.is_complex(p)]
         if complex_:
             raise ValueError(
                 f"{type(self).__name__} does not support complex parameters (shapes {complex_}): its second moment and "
