@@ -435,6 +435,20 @@ def test_plot_schedule_every_shipped_config(config, tmp_path, capsys, monkeypatc
     assert captured.out.strip() == str(out) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_schedule_draws_a_batch_the_workers_cannot_split_and_says_so(tmp_path, capsys, monkeypatch):
+    """The README's `--num-gpus 8` on the study's batch-4 baseline: the LR curve does not depend on how the batch
+    splits, so it is drawn, with one line saying that training on 8 workers would refuse the config."""
+    monkeypatch.setenv("LARGEBATCH_DATASETS", os.environ.get("LARGEBATCH_DATASETS", os.path.join(ROOT, "datasets")))
+    out = tmp_path / "lr.png"
+    code = load_tool().main(["--config-file", os.path.join(ROOT, "configs/shapes/study/sgd_b4.yaml"), "--num-gpus",
+                             "8", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "would refuse this config on 8 workers (SOLVER.IMS_PER_BATCH = 4" in notes[0], notes
+
+
 def test_plot_schedule_counts_the_demo_dataset(tmp_path, capsys, monkeypatch, caplog):
     # the README's example: demo.yaml is in epochs and names shapes_train, registered by the tool itself
     monkeypatch.setenv("LARGEBATCH_DATASETS", os.environ.get("LARGEBATCH_DATASETS", os.path.join(ROOT, "datasets")))

@@ -17,7 +17,7 @@ import os
 import sys
 
 from largebatch.analysis.plots import plot_lr_schedule
-from largebatch.config import ConfigError, load_config
+from largebatch.config import ConfigError, load_config, validate, validate_training
 from largebatch.data import register_datasets, train_set_size
 from largebatch.schedule import lr_curve, schedule_marks
 from largebatch.solver import prepare_solver
@@ -51,6 +51,17 @@ def count_train_images(cfg):
     return images
 
 
+def training_refusal(cfg, world_size):
+    """Why training on ``world_size`` workers would refuse ``cfg`` (a batch the workers cannot split evenly, BN
+    groups that do not divide them), or None."""
+    try:
+        validate(cfg, world_size)
+        validate_training(cfg, world_size)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(args.config_file):
@@ -59,7 +70,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     world_size = args.num_gpus * args.num_machines
     try:
-        cfg = load_config(args.config_file, args.opts, world_size)
+        cfg = load_config(args.config_file, args.opts)
+        refusal = training_refusal(cfg, world_size)
+        if refusal:  # the LR curve does not depend on how the batch splits: drawn, and the refusal said
+            print(f"note: train_net.py would refuse this config on {world_size} workers ({refusal}); the schedule "
+                  "is drawn anyway", file=sys.stderr)
         images = args.num_train_images
         if images is None and cfg.SOLVER.SCHEDULE_UNIT == "epoch":
             images = count_train_images(cfg)
