@@ -300,7 +300,11 @@ def test_a_users_coco_json_dataset_from_the_config_trains(tmp_path):
 @pytest.mark.parametrize("entry, opts, message", [
     (["my_x", "/nope/train.json", "{images}"], (), "'/nope/train.json' is not a file"),
     (["my_x", "{json}", "/nope/images"], (), "'/nope/images' is not a folder"),
-    (["my_x", "{broken}", "{images}"], (), "is not a COCO json (JSONDecodeError"),
+    (["my_x", "{broken}", "{images}"], (), "broken.json' is not valid JSON at line 1, column 13 (Expecting value)"),
+    (["my_x", "{no_categories}", "{images}"], (), 'no_categories.json\' is not a COCO file: no "categories" list'),
+    (["my_x", "{a_list}", "{images}"], (), "a_list.json' is not a COCO file: a JSON list, expected an object"),
+    (["my_x", "{no_annotations}", "{images}"], ("DATASETS.TRAIN", "('my_x',)"),
+     "no_annotations.json' has no annotations (no non-crowd object in any of its 128 images): nothing to train on"),
     (["my_x", "{json}", "{images}"], ("MODEL.ROI_HEADS.NUM_CLASSES", "2"),
      "MODEL.ROI_HEADS.NUM_CLASSES = 2 is not allowed: 'my_x' (DATASETS.COCO_JSON) has 3 categories"),
     (["coco_2017_train", "{json}", "{images}"], (), "'coco_2017_train' is already a registered dataset"),
@@ -313,8 +317,14 @@ def test_a_bad_coco_json_entry_fails_at_once_with_one_line(entry, opts, message,
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
     (tmp_path / "empty").mkdir()
-    entry = [v.format(json=files["json_file"], images=files["image_root"], broken=broken, empty=tmp_path / "empty")
-             for v in entry]
+    with open(files["json_file"]) as f:
+        coco = json.load(f)
+    jsons = {"no_categories": {k: v for k, v in coco.items() if k != "categories"}, "a_list": [coco],
+             "no_annotations": {**coco, "annotations": []}}
+    for name, content in jsons.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    entry = [v.format(json=files["json_file"], images=files["image_root"], broken=broken, empty=tmp_path / "empty",
+                      **{name: tmp_path / f"{name}.json" for name in jsons}) for v in entry]
     cli_module = import_script("train_net.py")
     with pytest.raises(SystemExit) as exit_info:
         cli_module.cli(["--config-file", CONFIG, "DATASETS.COCO_JSON", repr([entry]), "DATASETS.TEST", "('my_x',)",
@@ -409,6 +419,50 @@ def test_a_corrupt_image_fails_before_training_with_one_line(name, damage, messa
                                                          f"the 128 images of '{name}' cannot be used (first: "), err
     assert f"000005.jpg': {message}" in err, err
     cli_module.cli(argv + ["DATASETS.CHECK_IMAGES", "False"])
+
+
+def test_an_image_of_another_size_than_its_annotations_fails_before_training(tmp_path, capsys, monkeypatch):
+    """detectron2 compares each image with the width / height of its json entry when it reads it, and stops a
+    running training with a SizeMismatchError; the set-up check reads the header already and says it first."""
+    monkeypatch.chdir(REPO)
+    files = _shapes_files()["shapes_val"]
+    with open(files["json_file"]) as f:
+        coco = json.load(f)
+    coco["images"][3]["width"] += 8
+    moved = tmp_path / "resized.json"
+    moved.write_text(json.dumps(coco))
+    cli_module = import_script("train_net.py")
+    monkeypatch.setattr(cli_module, "launch", lambda *a, **k: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(["--config-file", CONFIG, "DATASETS.COCO_JSON", repr([["my_sized", str(moved),
+                                                                                files["image_root"]]]),
+                        "DATASETS.TRAIN", "('my_sized',)"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    name, (w, h) = coco["images"][3]["file_name"], (coco["images"][3]["width"], coco["images"][3]["height"])
+    assert len(err.splitlines()) == 1 and err.startswith("error: DATASETS.TRAIN = ('my_sized',) is not allowed: 1 of "
+                                                         "the 128 images of 'my_sized' cannot be used"), err
+    assert f"{name}': {w - 8}x{h} pixels where its annotations say {w}x{h} (width x height)" in err, err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("DATASETS.SHAPES_ROOT", "{file}/shapes", "DATASETS.SHAPES_ROOT = '{file}/shapes' is not allowed: '{file}' is a "
+                                              "file, not a folder"),
+    ("MODEL.MODULE_PARTITION", '[["head", "roi_heads.(box"]]',
+     "MODEL.MODULE_PARTITION = ('head', 'roi_heads.(box') is not allowed: 'roi_heads.(box' is not a regular "
+     "expression (missing ), unterminated subpattern at position 10)"),
+])
+def test_a_bad_path_or_pattern_fails_at_once_with_one_line(key, value, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    file = tmp_path / "a_file"
+    file.write_text("the user's")
+    cli_module = import_script("train_net.py")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.cli(["--config-file", CONFIG, key, value.format(file=file)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err == "error: " + message.format(file=file), err
+    assert file.read_text() == "the user's"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ overrides, validated. The detector parts are ``largebatch.optim.groups.DETECTOR_
 import difflib
 import logging
 import os
+import re
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -348,6 +349,10 @@ def validate(cfg, num_workers=None):
         if len(rule) != 2:
             fail("MODEL.MODULE_PARTITION", rule, "expected [part, regex] pairs")
         choice(rule[0], "MODEL.MODULE_PARTITION", DETECTOR_PARTS)
+        try:
+            re.compile(rule[1])
+        except (re.error, TypeError) as e:
+            fail("MODEL.MODULE_PARTITION", tuple(rule), f"{rule[1]!r} is not a regular expression ({e})")
     for entry in cfg.DATASETS.COCO_JSON:
         if len(entry) != 3 or not all(isinstance(v, str) and v for v in entry):
             fail("DATASETS.COCO_JSON", entry, "expected [name, json_file, image_root] triples of non-empty strings")
