@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from detectron2.data.build import build_batch_data_loader
 from detectron2.data.samplers import TrainingSampler
 
 from helpers import run_python
-from largebatch.data.resumable import ResumableTrainingSampler, SeededMapDataset, stream_position
+from largebatch.data.resumable import ResumableTrainingSampler, SeededMapDataset, stream_loader, stream_position
 
 
 def start_and_wait_for_iteration(argv, output_dir, iteration=2, timeout=300):
@@ -54,8 +53,7 @@ def _batches(dicts, seed, count, batch_size=3, skip=0, num_workers=0):
     if skip:
         landscape = [d["width"] > d["height"] for d in dicts]
         sampler.set_position(*stream_position(sampler, landscape, batch_size, skip, grouping=True))
-    loader = build_batch_data_loader(SeededMapDataset(dicts, _augment, seed), sampler, batch_size,
-                                     aspect_ratio_grouping=True, num_workers=num_workers)
+    loader = stream_loader(SeededMapDataset(dicts, _augment, seed), sampler, batch_size, True, num_workers)
     out = []
     for batch in loader:
         out.append([(d["image_id"], d["draw"]) for d in batch])

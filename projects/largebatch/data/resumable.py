@@ -15,7 +15,8 @@ need not hold consecutive images of the stream. After a resume it starts the str
 - ``stream_position`` replays the aspect-ratio grouping on the images' sizes alone (no image is read) to find,
   after a number of batches, where the stream stands and which images wait in the buckets.
 
-detectron2's own ``build_batch_data_loader`` and ``AspectRatioGroupedDataset`` do the loading and batching.
+detectron2's own loader and ``AspectRatioGroupedDataset`` do the loading and batching (``stream_loader``: in the
+sampler's order on detectron2 0.6 and main alike, whatever the number of data-loader workers).
 """
 import itertools
 import logging
@@ -25,11 +26,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.data import DatasetFromList, build_detection_train_loader
+from detectron2.data.common import ToIterableDataset
 from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["ResumableTrainLoader", "ResumableTrainingSampler", "SeededMapDataset", "stream_position"]
+__all__ = ["ResumableTrainLoader", "ResumableTrainingSampler", "SeededMapDataset", "stream_loader", "stream_position"]
 
 logger = logging.getLogger("largebatch")
 
@@ -145,6 +147,19 @@ def stream_position(sampler: ResumableTrainingSampler, landscape: Sequence[bool]
     raise AssertionError("unreachable: the stream is infinite")
 
 
+def stream_loader(dataset: Dataset, sampler: Sampler, total_batch_size: int, aspect_ratio_grouping: bool,
+                  num_workers: int):
+    """detectron2's batched training loader over ``dataset`` in ``sampler``'s order, the order ``stream_position``
+    replays: the stream is handed over as an iterable dataset whose data-loader workers take every N-th image
+    (detectron2's ToIterableDataset with its default shard of one image), so that their merged output is the
+    sampler's order. Given the map-style dataset and the sampler instead, detectron2 main shards the stream in
+    chunks of a batch (0.6: per image), and the order the aspect-ratio grouping sees would depend on the version
+    and on the number of data-loader workers."""
+    return build_detection_train_loader(dataset=ToIterableDataset(dataset, sampler), mapper=None, sampler=None,
+                                        total_batch_size=total_batch_size,
+                                        aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers)
+
+
 class ResumableTrainLoader:
     """detectron2's training loader for a config (``build_detection_train_loader``: its dataset, mapper, batch size,
     aspect-ratio grouping and workers) over a ``ResumableTrainingSampler`` and a ``SeededMapDataset``.
@@ -169,10 +184,8 @@ class ResumableTrainLoader:
         self.landscape = [d["width"] > d["height"] for d in dicts] if sized else None
         self.sampler = ResumableTrainingSampler(len(dicts), seed=cfg.SEED if cfg.SEED >= 0 else None)
         self.dataset = SeededMapDataset(DatasetFromList(dicts, copy=False), args["mapper"], self.sampler.seed)
-        self.loader = build_detection_train_loader(
-            dataset=self.dataset, mapper=None, sampler=self.sampler, total_batch_size=args["total_batch_size"],
-            aspect_ratio_grouping=self.grouping, num_workers=args["num_workers"],
-        )
+        self.loader = stream_loader(self.dataset, self.sampler, args["total_batch_size"], self.grouping,
+                                    args["num_workers"])
 
     def __iter__(self):
         # a generator: nothing starts before the first next(). Starting a torch DataLoader draws its workers' base
