@@ -372,40 +372,90 @@ def test_explosion_guard_stops_on_a_spike_of_the_loss_or_the_gradient_norm():
     assert again.highest == (300.0, 3) and list(again.history) == list(off.history)
 
 
+def _guard_bench(monkeypatch):
+    from helpers import REPO, import_script
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # its sibling module harness
+    return import_script("bench/explosion_guard.py")
+
+
+def test_the_guard_study_reports_where_each_factor_stops_and_how_close_healthy_runs_come(monkeypatch):
+    """bench/explosion_guard.py's report on constructed runs (what a real divergence does differs between CPU
+    models): per factor, the stop before the non-finite iteration, the runs it misses, the healthy margin."""
+    from types import SimpleNamespace
+
+    bench = _guard_bench(monkeypatch)
+    diverging = [
+        {"name": "seed 1", "non_finite": 6, "iters": list(range(6)), "ratio": [None, 1.0, 1.2, 4.5, 11.0, 300.0],
+         "total_loss": [2.3, 2.0, 2.1, 8.0, 20.0, 900.0]},
+        {"name": "seed 2", "non_finite": 4, "iters": list(range(4)), "ratio": [None, 1.1, 1.3, 9.0],
+         "total_loss": [2.3, 2.1, 2.2, 15.0]},  # non-finite right after a ratio of 9: factor 10 misses it
+    ]
+    healthy = [{"name": "sgd", "non_finite": None, "iters": list(range(4)), "ratio": [None, 2.5, 1.5, 1.2],
+                "total_loss": [2.3, 2.0, 1.8, 1.7]}]
+    args = SimpleNamespace(factors=[4.0, 10.0], warmup=2, num_workers=2)
+    text = bench.report(diverging, healthy, args, "python bench/explosion_guard.py")
+    assert "| seed 1 | 6 | 3 (3 before), loss 8 | 4 (2 before), loss 20 |" in text, text
+    assert "| seed 2 | 4 | 3 (1 before), loss 15 | - |" in text, text
+    assert "| sgd | 4 | 2.50 (iteration 1) | 1.50 (iteration 2) | no |" in text, text
+    assert "- factor 4: stops 2 of 2 diverging runs 1-3 iterations before they turn non-finite; 1.6x above the " \
+           "healthy runs' highest ratio" in text, text
+    assert "- factor 10: stops 1 of 2 diverging runs 2-2 iterations before they turn non-finite, misses 1; 4.0x " \
+           "above the healthy runs' highest ratio" in text, text
+
+
 @pytest.mark.slow
-def test_the_guard_study_finds_the_default_stopping_before_the_values_turn_non_finite(tmp_path):
-    """bench/explosion_guard.py on one seed of the diverging run (2 workers, BASE_LR 0.3, the guard measuring
-    only; no healthy runs): the run turns non-finite, the default factor 10 would have stopped it at least 2
-    iterations earlier, and the report says so."""
+def test_the_guard_study_runs_a_diverging_seed_and_writes_its_report(tmp_path, monkeypatch):
+    """bench/explosion_guard.py end to end on one seed of the diverging run (2 workers, BASE_LR 0.3, the guard
+    measuring only; no healthy runs): every iteration's ratio recorded up to where the run ended, and the report's
+    factor-10 line agrees with them. Where it stops and turns non-finite depends on the CPU model: not asserted."""
     from helpers import run_python
 
     result = run_python("bench/explosion_guard.py", "--seeds", "1", "--healthy-iters", "0", "--factors", "10",
-                        "--output", str(tmp_path), timeout=900)
+                        "--max-iter", "30", "--output", str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "explosion_guard.json") as f:
         data = json.load(f)
     run = data["diverging"][0]
-    stop = next(it for it, r in zip(run["iters"], run["ratio"]) if r is not None and r > 10)
-    assert run["non_finite"] is not None and run["non_finite"] - stop >= 2, (stop, run["non_finite"])
-    assert run["iters"] == list(range(run["non_finite"]))  # every iteration before it recorded
-    assert data["healthy"] == []
+    end = run["non_finite"] if run["non_finite"] is not None else 30
+    assert run["iters"] == list(range(end)) and data["healthy"] == []
+    assert all(r is None or r >= 0 for r in run["ratio"]) and run["ratio"][0] is None  # judged from the 6th on
+    stop = _guard_bench(monkeypatch).first_above(run, 10)
     text = (tmp_path / "explosion_guard.md").read_text()
-    assert f"factor 10: stops 1 of 1 diverging runs {run['non_finite'] - stop}-{run['non_finite'] - stop} " in text
+    stopped = stop is not None and run["non_finite"] is not None
+    assert f"- factor 10: stops {int(stopped)} of 1 diverging runs" in text, text
 
 
-@pytest.mark.slow
-def test_a_diverging_run_stops_while_its_weights_are_still_healthy(tmp_path):
-    """BASE_LR 0.3 on the shapes data: the guard stops it at iteration 9 or 10, with every weight below 1.5 in
-    absolute value (1.0 at the start; without the guard, max |w| is 1879 and the loss 1.5e4 at iteration 11, and the
-    values are non-finite at 12)."""
+def test_an_exploding_loss_stops_before_its_step_and_the_weights_are_the_last_good_ones(tmp_path):
+    """A constructed divergence (the real ones take a different path on every CPU model): from iteration 6 on the
+    model's losses are multiplied by 1000, and so are their gradients. The guard stops iteration 6 before its
+    optimizer step, on the loss or the gradient norm (healthy ratios stay near 1-2, far below the factor of 10,
+    these are hundreds of times their medians): the weights are
+    those iteration 5's step made, every one finite."""
     torch.set_num_threads(1)
-    cfg = _config(tmp_path, "SOLVER.BASE_LR", 0.3, "SOLVER.WARMUP_ITERS", 50, "MONITOR.DIVERGENCE_FACTOR", 0.0,
-                  max_iter=25, ims=16)
+    cfg = _config(tmp_path, "MONITOR.DIVERGENCE_FACTOR", 0.0, max_iter=10, ims=2)
     trainer = _trainer(cfg)
+    stepper = trainer.stepper
+    model, forward = stepper.model, stepper.model.forward
+
+    def exploding(*args, **kwargs):
+        losses = forward(*args, **kwargs)
+        return {k: v * 1000.0 for k, v in losses.items()} if stepper.iter >= 6 else losses
+
+    model.forward = exploding
+    after_step = {}
+    optimizer = stepper.optimizer
+
+    def remember(opt, args, kwargs):
+        after_step[stepper.iter] = [p.detach().clone() for p in stepper.layout.params]
+
+    (getattr(optimizer, "optimizer", optimizer)).register_step_post_hook(remember)
     with pytest.raises(FloatingPointError) as info:
         trainer.train()
-    assert "its median" in str(info.value) and "MONITOR.EXPLOSION_FACTOR = 10" in str(info.value)
-    stopped = int(str(info.value).split("iteration ")[1].split(":")[0])
-    assert stopped <= 10, str(info.value)
-    weights = [p.detach().abs().max().item() for p in trainer.stepper.layout.params]
-    assert max(weights) < 1.5
+    message = str(info.value)
+    assert message.startswith(("Training diverged at iteration 6: the total loss ",
+                               "Training diverged at iteration 6: the gradient norm ")) and "x its median" in message
+    assert "(MONITOR.EXPLOSION_FACTOR = 10). Stopped on every worker before the optimizer step" in message
+    assert sorted(after_step) == [0, 1, 2, 3, 4, 5]  # iteration 6 made no step
+    for p, last_good in zip(stepper.layout.params, after_step[5]):
+        assert torch.equal(p.detach(), last_good) and bool(torch.isfinite(p).all())
