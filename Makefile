@@ -8,8 +8,13 @@ DEMO_CONFIG ?= configs/shapes/demo.yaml
 DEMO_DIR ?= output/demo
 GPU_CHECK_DIR ?= output/gpu_check
 STAMP := $(VENV)/.setup-done
+# detectron2 main (Python sources of a pinned commit, ../shared/detectron2-main/) in a second environment: CI runs
+# the suite on v0.6 (`make test`) and on main (`make test-d2main`)
+D2MAIN_VENV := .venv-d2main
+D2MAIN_SRC ?= ../shared/detectron2-main
+D2MAIN_STAMP := $(D2MAIN_VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint bench study clean gpu-check
+.PHONY: setup demo test test-fast test-d2main lint bench study clean gpu-check
 setup: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP),setup-external)
 
 $(STAMP): tools/setup_env.sh setup.py
@@ -27,6 +32,16 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+$(D2MAIN_STAMP): tools/setup_env.sh setup.py
+	@test -f $(D2MAIN_SRC)/install.sh || { echo "error: $(D2MAIN_SRC)/install.sh not found: set D2MAIN_SRC to the folder holding detectron2 main's tarball and install.sh"; exit 2; }
+	test -x $(D2MAIN_VENV)/bin/python || python3 -m venv $(D2MAIN_VENV)
+	bash $(D2MAIN_SRC)/install.sh $(D2MAIN_VENV)/bin/python
+	bash tools/setup_env.sh $(D2MAIN_VENV)/bin/python
+	touch $@
+
+test-d2main: $(D2MAIN_STAMP)
+	$(D2MAIN_VENV)/bin/python -m pytest -q tests
 
 # for iteration: everything but the end-to-end runs in subprocesses / worker processes (marked slow)
 test-fast: setup
