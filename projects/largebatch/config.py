@@ -192,6 +192,10 @@ def add_largebatch_config(cfg):
     # Works whether MONITOR.ENABLED or not.
     _C.MONITOR.EXPLOSION_FACTOR = 10.0
     _C.MONITOR.EXPLOSION_WINDOW = 20
+    # The gradient noise scale B_simple per part (McCandlish et al. 2018; largebatch/noise_scale.py), measured on
+    # the gradient-variance iterations: its two terms are averaged over measurements with this decay (0.9: about
+    # the last 10 measurements, 200 iterations at PERIOD 20) before their ratio is taken. In [0, 1).
+    _C.MONITOR.NOISE_SCALE_DECAY = 0.9
 
     # ---------------------------------------------------------------------------------------------------------
     # The embedded synthetic dataset (largebatch/data/shapes.py).
@@ -340,6 +344,8 @@ def validate(cfg, num_workers=None):
     lo_hi = tuple(s.AGVM.CLAMP)
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
         fail("SOLVER.AGVM.CLAMP", lo_hi, "expected (low, high) with 0 < low <= high")
+    if not 0 <= cfg.MONITOR.NOISE_SCALE_DECAY < 1:
+        fail("MONITOR.NOISE_SCALE_DECAY", cfg.MONITOR.NOISE_SCALE_DECAY, "expected a number in [0, 1)")
     if s.AGVM.START_ITER < -1:
         fail("SOLVER.AGVM.START_ITER", s.AGVM.START_ITER, "expected -1 (end of warm-up) or an iteration >= 0")
     choice(s.AGVM.ANCHOR, "SOLVER.AGVM.ANCHOR", DETECTOR_PARTS)

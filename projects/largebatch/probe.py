@@ -11,13 +11,13 @@ batch (see the trainer). AGVM and the monitoring hook share this one implementat
 """
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["GradientMeasurement", "ModuleLayout", "cosine_variance", "HalfGroupReducer", "broadcast_from_main",
-           "second_moment_state"]
+__all__ = ["GradientMeasurement", "ModuleLayout", "cosine_variance", "HalfGroupReducer", "ReducedGradients",
+           "broadcast_from_main", "second_moment_state"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class GradientMeasurement:
         worker: ``{"total_loss", "grad_norm", "explosion_ratio"}``, the ratio being the larger of loss / median
         and gradient norm / median (None before the guard has enough history); None when the gradients
         overflowed under AMP (not judged).
+    noise: this measurement's unbiased (|G|^2, tr(Sigma)) per part and for the whole model ("all"), the gradient
+        noise scale's two terms (``largebatch.noise_scale``), identical on every worker; None where phi is.
     """
 
     iteration: int
@@ -43,6 +45,7 @@ class GradientMeasurement:
     grads_finite: bool = True
     phi: Optional[Dict[str, float]] = None
     explosion_check: Optional[Dict[str, Optional[float]]] = None
+    noise: Optional[Dict[str, Tuple[float, float]]] = None
 
 
 def second_moment_state(optimizer: torch.optim.Optimizer) -> Optional[str]:
@@ -108,16 +111,24 @@ class ModuleLayout:
     def modules(self) -> List[str]:
         return list(self.slices)
 
-    def flat_grads(self, dtype=torch.float32) -> torch.Tensor:
-        """All gradients in one new float32 (or wider) vector; a parameter without gradient counts as zeros."""
+    def flat_grads(self, dtype=torch.float32, extra: int = 0) -> torch.Tensor:
+        """All gradients in one new float32 (or wider) vector; a parameter without gradient counts as zeros.
+        ``extra``: that many more (uninitialised) entries at the end, for values that travel in the same
+        all-reduce."""
         device = self.params[0].device
         dtype = torch.promote_types(dtype, self.params[0].dtype)
-        out = torch.empty(self.numel, device=device, dtype=dtype)
+        out = torch.empty(self.numel + extra, device=device, dtype=dtype)
         pieces = [
             p.grad.reshape(-1) if p.grad is not None else torch.zeros(n, device=device, dtype=dtype)
             for p, n in zip(self.params, self.sizes)
         ]
-        return torch.cat(pieces, out=out)  # one kernel instead of a copy per tensor
+        torch.cat(pieces, out=out[:self.numel])  # one kernel instead of a copy per tensor
+        return out
+
+    def part_sq_norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """|flat_i|^2 of every part's slice, one tensor (order of ``slices``) in ``flat``'s dtype, on its device:
+        torch's cascade summation per part, no host sync."""
+        return torch.stack([(flat[sl] * flat[sl]).sum() for sl in self.slices.values()])
 
     def write_grads(self, flat: torch.Tensor) -> None:
         """Copy ``flat`` back into the parameters' gradients (creating them where missing)."""
@@ -199,30 +210,50 @@ class HalfGroupReducer:
         first, second = self.split, self.world_size - self.split
         return (first, second) if rank < self.split else (second, first)
 
-    def reduce(self, layout: ModuleLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, layout: ModuleLayout) -> "ReducedGradients":
         """All-reduce the local gradients: p.grad becomes the global mean; returns (G1, G2) flat vectors,
-        the mean gradients of ranks [0, W/2) and [W/2, W) (the two groups of AGVM eq. 3).
+        the mean gradients of ranks [0, W/2) and [W/2, W) (the two groups of AGVM eq. 3), and the mean over the
+        workers of each part's squared local-gradient norm (the small-batch term of the noise scale).
 
         Called after a backward without DDP's all-reduce. One flat bucket: the sum over the worker's own half
         (the one extra all-reduce, within the half group; none when that half is this worker alone) runs
-        concurrently with the global sum (what DDP would have done). The other half's sum is the global sum
+        concurrently with the global sum (what DDP would have done), whose bucket carries the parts' squared
+        local norms at its end (a few floats more, no extra collective). The other half's sum is the global sum
         minus the own half's.
         """
         rank = dist.get_rank()
         in_first = rank < self.split
         n_own, n_other = self.half_sizes(rank)
-        local = layout.flat_grads()
+        parts = len(layout.slices)
+        bucket = layout.flat_grads(extra=parts)
+        local = bucket[:layout.numel]
+        bucket[layout.numel:] = layout.part_sq_norms(local)
         own = local.clone()
         work = None
         if n_own > 1:  # the one extra all-reduce
             work = dist.all_reduce(own, group=self.halves[0 if in_first else 1], async_op=True)
-        dist.all_reduce(local)  # what DDP would have done: the global sum
+        dist.all_reduce(bucket)  # what DDP would have done: the global sum (and the squared norms' sum)
         if work is not None:
             work.wait()
         other = (local - own).div_(n_other)  # the other half's sum, then its mean
         layout.write_grads(local.div_(self.world_size))  # the exact global mean is what the step uses
         own.div_(n_own)
-        return (own, other) if in_first else (other, own)
+        local_sq = bucket[layout.numel:].double() / self.world_size
+        g1, g2 = (own, other) if in_first else (other, own)
+        return ReducedGradients(g1, g2, local_sq, local)
+
+
+class ReducedGradients(NamedTuple):
+    """What ``HalfGroupReducer.reduce`` (or one worker's two half-batches) leaves for the measurements.
+
+    g1, g2: the two halves' mean gradients (flat, layout order). local_sq: per part, the mean over the S small
+    gradients (the W workers' own, or the two halves) of their squared norms, float64. mean: the gradient the step
+    uses (flat), the global mean."""
+
+    g1: torch.Tensor
+    g2: torch.Tensor
+    local_sq: torch.Tensor
+    mean: torch.Tensor
 
 
 def broadcast_from_main(values: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,13 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
+from ..noise_scale import WHOLE_MODEL, NoiseScale, noise_terms
 from ..optim import AGVM
 from ..probe import (
     GradientMeasurement,
     HalfGroupReducer,
     ModuleLayout,
+    ReducedGradients,
     broadcast_from_main,
     cosine_variance,
     second_moment_state,
@@ -41,11 +43,14 @@ class LargeBatchStepper(SimpleTrainer):
             before anything reads them (finiteness check, gradient variance, clipping, trust ratios).
         device_type: "cuda" or "cpu", for AMP.
         explosion_guard: an ``ExplosionGuard`` checked every iteration (none by default).
+        noise_decay: the decay per measurement of the noise scale's moving averages (``noise_scale.NoiseScale``).
     """
 
     def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False,
-                 device_type="cuda", explosion_guard=None):
+                 device_type="cuda", explosion_guard=None, noise_decay=0.9):
         super().__init__(model, data_loader, optimizer)
+        #: the gradient noise scale per part (McCandlish et al. 2018), averaged over the measurement iterations
+        self.noise_scale = NoiseScale(noise_decay)
         self.explosion_guard = explosion_guard if explosion_guard is not None else ExplosionGuard(factor=0)
         self.accumulate_steps = accumulate_steps
         self.variance_period = variance_period
@@ -106,26 +111,30 @@ class LargeBatchStepper(SimpleTrainer):
         k = len(batches)
         self.optimizer.zero_grad()
         loss_dicts: List[Dict[str, torch.Tensor]] = []
+        reduced = None
         if measure and self.reducer is None:
-            g1, g2 = self._split_batch_halves(batches, loss_dicts)
+            reduced = self._split_batch_halves(batches, loss_dicts)
+            samples = [sum(len(data) // 2 for data in batches), sum(len(data) - len(data) // 2 for data in batches)]
         else:
             for i, data in enumerate(batches):
                 # DDP all-reduces the last micro-batch only, and none on measurement iterations
                 loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
-            g1 = g2 = None
             if measure:
-                g1, g2 = self.reducer.reduce(self.layout)
+                reduced = self.reducer.reduce(self.layout)
+                samples = [sum(len(data) for data in batches)] * self.world_size  # equal shares (validated)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-            if g1 is not None:
+            if reduced is not None:
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
-                g1, g2 = g1 * inv_scale, g2 * inv_scale
+                reduced = ReducedGradients(reduced.g1 * inv_scale, reduced.g2 * inv_scale,
+                                           reduced.local_sq * inv_scale ** 2, reduced.mean * inv_scale)
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
         norms, grads_finite, explosion_check = self._check_finite(loss_dict)
-        phi = None
-        if measure and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
-            phi = self.measure_variance(g1, g2)
-        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check)
+        phi = noise = None
+        if reduced is not None and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
+            phi = self.measure_variance(reduced.g1, reduced.g2)
+            noise = self.measure_noise_scale(reduced, samples)
+        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check, noise)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
             if phi is not None and self.agvm.is_measurement_iter(self.iter):
@@ -152,8 +161,10 @@ class LargeBatchStepper(SimpleTrainer):
                 loss_dicts.append(self._forward_backward(data[:n] if part == 0 else data[n:], 1.0 / len(batches), True))
             halves.append(self.layout.flat_grads())
         g1, g2 = halves
-        self.layout.write_grads((g1 + g2) / 2)
-        return g1, g2
+        mean = (g1 + g2) / 2
+        self.layout.write_grads(mean)
+        local_sq = (self.layout.part_sq_norms(g1).double() + self.layout.part_sq_norms(g2).double()) / 2
+        return ReducedGradients(g1, g2, local_sq, mean)
 
     def _check_finite(self, loss_dict) -> Tuple[torch.Tensor, bool]:
         """The divergence guard, every iteration, before the step: a non-finite loss (on any worker) or
@@ -253,11 +264,39 @@ class LargeBatchStepper(SimpleTrainer):
         self._last_phi = phi
         return phi
 
+    def measure_noise_scale(self, reduced: ReducedGradients, samples: List[int]) -> Dict[str, Tuple[float, float]]:
+        """The gradient noise scale's two terms (``noise_scale.noise_terms``: McCandlish et al. App. A.1) per part
+        and for the whole model, from the small gradients' mean squared norms and the step's gradient, with
+        ``samples`` images behind each small gradient (the workers', or the two halves of the batch); averaged
+        into ``self.noise_scale`` and written as metrics: ``noise_scale/<part>`` (B_simple in images, of the
+        averages), ``noise_grad_sq/<part>``, ``noise_trace/<part>`` (the averaged terms) and this measurement's own
+        terms (``..._raw/<part>``). Identical on all workers (rank 0's values). Returns this measurement's terms."""
+        big_sq = self.layout.part_sq_norms(reduced.mean).double()
+        weights = [1.0 / len(samples)] * len(samples)
+        grad_sq, trace = noise_terms(reduced.local_sq, big_sq, samples, weights)
+        terms = torch.stack([grad_sq, trace])
+        values = broadcast_from_main(torch.cat([terms, terms.sum(1, keepdim=True)], dim=1)).tolist()
+        parts = [*self.layout.modules, WHOLE_MODEL]
+        raw_grad_sq, raw_trace = dict(zip(parts, values[0])), dict(zip(parts, values[1]))
+        self.noise_scale.update(raw_grad_sq, raw_trace)
+        storage = get_event_storage()
+        for part in parts:
+            averaged_grad_sq, averaged_trace = self.noise_scale.terms(part)
+            storage.put_scalar(f"noise_grad_sq/{part}", averaged_grad_sq, smoothing_hint=False)
+            storage.put_scalar(f"noise_trace/{part}", averaged_trace, smoothing_hint=False)
+            storage.put_scalar(f"noise_grad_sq_raw/{part}", raw_grad_sq[part], smoothing_hint=False)
+            storage.put_scalar(f"noise_trace_raw/{part}", raw_trace[part], smoothing_hint=False)
+            value = self.noise_scale.value(part)
+            if value is not None:
+                storage.put_scalar(f"noise_scale/{part}", value, smoothing_hint=False)
+        return {part: (raw_grad_sq[part], raw_trace[part]) for part in parts}
+
     def state_dict(self):
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
         ret["explosion_guard"] = self.explosion_guard.state_dict()
+        ret["noise_scale"] = self.noise_scale.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
@@ -266,3 +305,5 @@ class LargeBatchStepper(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         if "explosion_guard" in state_dict:
             self.explosion_guard.load_state_dict(state_dict["explosion_guard"])
+        if "noise_scale" in state_dict:
+            self.noise_scale.load_state_dict(state_dict["noise_scale"])

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..collect_env import detectron2_compiled_ops
 from ..data.catalog import train_set_size
 from ..data.resumable import ResumableTrainLoader
+from ..noise_scale import critical_batch_statement
 from ..norm import build_sync_bn_from_cfg
 from ..optim import build_optimizer
 from ..optim.groups import ModulePartition
@@ -68,6 +69,7 @@ class LargeBatchTrainer(DefaultTrainer):
             amp=cfg.SOLVER.AMP.ENABLED,
             device_type="cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu",
             explosion_guard=ExplosionGuard(monitor.EXPLOSION_FACTOR, monitor.EXPLOSION_WINDOW),
+            noise_decay=monitor.NOISE_SCALE_DECAY,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # a checkpoint written while the explosion guard sees trouble is not what --resume should pick
@@ -155,6 +157,14 @@ class LargeBatchTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """detectron2's training loader, made resumable: a resumed run continues its data stream exactly."""
         return ResumableTrainLoader(cfg)
+
+    def train(self):
+        result = super().train()
+        statement = critical_batch_statement(self.stepper.noise_scale, self.cfg.SOLVER.IMS_PER_BATCH *
+                                             self.cfg.SOLVER.ACCUMULATE_STEPS)
+        if statement and comm.is_main_process():
+            logger.info(statement)
+        return result
 
     def resume_or_load(self, resume=True):
         """detectron2's resume_or_load, and, when it resumes from a checkpoint, the data stream placed after the
