@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from helpers import make_config
 from helpers import SHAPES_CONFIG as CONFIG
+from helpers import make_config
 from largebatch.noise_scale import WHOLE_MODEL, NoiseScale, critical_batch_statement, noise_terms
 
 
