@@ -12,6 +12,8 @@ Writes one PNG per figure into OUTPUT_DIR/plots/ (or --out) and prints their pat
     trust_ratio.png        mean trust ratio per part, min-max band
     grad_var.png           gradient variance Phi = 1 - cos(G1, G2) per part (AGVM Fig. 1)
     agvm_mu.png            AGVM's LR multiplier mu per part (when AGVM was on)
+    noise_scale.png        gradient noise scale B_simple per part and for the whole model ("all"), in images:
+                           the critical batch it predicts (McCandlish et al. 2018)
     layer_local_lr.png     local LR of every layer over iterations, one panel per part (CoolDet Fig. 4, 5)
     layer_trust_ratio.png  trust ratio of every layer at chosen iterations (LargeDet Fig. 3)
 

@@ -245,6 +245,9 @@ def plot_run(output_dir: str, out_dir: Optional[str] = None, iters: Optional[Lis
                why_missing="no grad_var/<part> in metrics.json (MONITOR.GRAD_VARIANCE off?)")
     plot_parts(figs, series, "agvm_mu.png", "agvm_mu", "AGVM LR multiplier per part", "mu",
                why_missing="no agvm_mu/<part> in metrics.json (AGVM was off)")
+    plot_parts(figs, series, "noise_scale.png", "noise_scale",
+               "Gradient noise scale per part: B_simple = tr(Sigma) / |G|^2 (McCandlish et al.), raw gradients",
+               "images", log=True, why_missing="no noise_scale/<part> in metrics.json (MONITOR.GRAD_VARIANCE off?)")
     if header is None:
         for name in ("layer_local_lr.png", "layer_trust_ratio.png"):
             figs.skip(name, "no layer_stats.jsonl (MONITOR.PER_LAYER / MONITOR.TRUST_RATIO off?)")
