@@ -154,3 +154,29 @@ def test_the_logged_noise_scale_is_the_formula_on_every_workers_gradient(tmp_pat
     results = run_workers(_noise_worker, world_size, str(tmp_path), accumulate, timeout=600)
     assert all(r == results[0] for r in results)  # identical on every worker (rank 0's values)
     assert all(math.isfinite(v) for v in results[0].values())
+
+
+def test_the_planner_follows_mccandlishs_tradeoff(tmp_path, capsys):
+    import json
+
+    from helpers import import_script
+    from largebatch.analysis.planner import plan_batches
+
+    rows = plan_batches(noise_scale=64.0, step_time_s=0.5, images_per_gpu=4, gpus=[1, 16, 64], comm_ms=0.0)
+    assert [r.batch for r in rows] == [4, 64, 256]
+    assert [r.steps_per_min for r in rows] == pytest.approx([17.0, 2.0, 1.25])  # 1 + B_noise / B
+    assert [r.images_per_min for r in rows] == pytest.approx([1.0625, 2.0, 5.0])  # 1 + B / B_noise
+    assert [r.speedup for r in rows] == pytest.approx([1.0, 8.5, 13.6])  # 17 / 2, 17 / 1.25
+    with_comm = plan_batches(64.0, 0.5, 4, [1, 16], comm_ms=100.0)
+    assert with_comm[1].step_time_s == pytest.approx(0.9) and with_comm[1].speedup == pytest.approx(17 / 2 / 1.8)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.json", "w") as f:
+        for it in range(0, 100, 20):
+            f.write(json.dumps({"iteration": it, "time": 0.5, "noise_scale/all": 10.0 + it}) + "\n")
+    tool = import_script("tools/plan_batch.py")
+    assert tool.main([str(run), "--gpus", "1,2", "--images-per-gpu", "4", "--comm-ms", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "B_noise = 90 images (noise_scale/all at iteration 80)" in out and "A model" in out
+    assert "| 2 | 8 | 12.25 | 1.09 | 500 | 1.92x |" in out, out
+    assert tool.main([str(tmp_path)]) == 2 and "has no noise_scale/all" in capsys.readouterr().err
