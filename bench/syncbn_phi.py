@@ -30,7 +30,7 @@ from typing import Dict, List
 from harness import train_net
 
 from largebatch.analysis.metrics import read_json
-from largebatch.analysis.study import grad_var_records
+from largebatch.analysis.study import grad_var_records, noise_records
 from largebatch.files import atomic_write
 
 CONFIG = os.path.join("configs", "shapes", "study", "sgd_b64_linear.yaml")
@@ -55,7 +55,7 @@ def measure(name: str, out_root: str, weights: str, sync_bn: bool, data_opts: Li
         raise SystemExit(f"[syncbn_phi] {name}: train_net.py exited with {rc}; see {out}/train.log")
     records = grad_var_records(out)
     print(f"[syncbn_phi] {name}: {len(records)} records in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"name": name, "sync_bn": sync_bn, "weights": weights, "records": records,
+    return {"name": name, "sync_bn": sync_bn, "weights": weights, "records": records, "noise": noise_records(out),
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -88,6 +88,33 @@ def pair_table(label: str, sync: dict, per_worker: dict) -> List[str]:
             ratio = f"{sum(ra) / len(ra):.2f} / {sum(rb) / len(rb):.2f}"
         lines.append(f"| {p} | {_mean_std(xs)} | {_mean_std(ys)} | {_mean_std([x - y for x, y in zip(xs, ys)])} "
                      f"| {sum(x > 1 for x in xs)} / {sum(y > 1 for y in ys)} | {ratio} |")
+    return lines + [""]
+
+
+def noise_table(label: str, sync: dict, per_worker: dict) -> List[str]:
+    """Per part (and the whole model): the gradient noise scale's terms tr(Sigma) and |G|^2 with SyncBN and with
+    per-worker BN (means over the iterations, each iteration's unbiased estimate), tr(Sigma)'s paired ratio, and
+    B_simple of the means: how much SyncBN's coupling of the workers biases the noise scale."""
+    a, b = dict(sync["noise"]), dict(per_worker["noise"])
+    its = sorted(set(a) & set(b))
+    if not its:
+        return []
+    lines = [f"**{label}**: gradient noise scale ({len(its)} iterations; per iteration McCandlish's unbiased terms "
+             "from the 2 workers' gradients)", "",
+             "| part | tr(Sigma) SyncBN / per-worker | SyncBN / per-worker (paired mean) | |G|^2 SyncBN / per-worker "
+             "| B_simple SyncBN / per-worker (images) |", "|---|---:|---:|---:|---:|"]
+    for p in [*[p for p in PARTS if p in a[its[0]]], "all"]:
+        pairs = [(a[i][p], b[i][p]) for i in its if p in a[i] and p in b[i]]
+        if not pairs:
+            continue
+        mean = [sum(x[k] for x, _ in pairs) / len(pairs) for k in (0, 1)]
+        ref = [sum(y[k] for _, y in pairs) / len(pairs) for k in (0, 1)]
+        ratio = sum(x[1] / y[1] for x, y in pairs if y[1]) / max(1, sum(1 for _, y in pairs if y[1]))
+
+        def scale(g, t):
+            return f"{t / g:.3g}" if g > 0 else "n/a"
+        lines.append(f"| {p} | {mean[1]:.4g} / {ref[1]:.4g} | {ratio:.3f} | {mean[0]:.4g} / {ref[0]:.4g} "
+                     f"| {scale(*mean)} / {scale(*ref)} |")
     return lines + [""]
 
 
@@ -135,6 +162,7 @@ def main(argv=None) -> int:
             "point apart. The last column is AGVM's multiplier for each part before its momentum and clamp.", ""]
     for label in weights:
         text += pair_table(f"weights: {label} ({weights[label]})", runs[f"{label}_syncbn"], runs[f"{label}_bn"])
+        text += noise_table(f"weights: {label}", runs[f"{label}_syncbn"], runs[f"{label}_bn"])
     text += pair_table(f"weights: {split_label}, backbone BN scale / shift measured apart as 'other' (backbone = "
                        "its convolutions only)", runs[f"{split_label}_split_syncbn"], runs[f"{split_label}_split_bn"])
     atomic_write(os.path.join(out_root, "syncbn_phi.md"), lambda f: f.write("\n".join(text)))

@@ -2,6 +2,7 @@
 estimator against references written from its formulas, on synthetic gradients and on the trainer's own per-worker
 gradients (1, 2 and 4 workers, with gradient accumulation)."""
 import math
+import os
 
 import pytest
 import torch
@@ -133,6 +134,15 @@ def _noise_worker(rank, world_size, out, accumulate):
         if grad_sq > 0 and f"noise_scale/{part}" in history_keys(trainer):
             assert history(f"noise_scale/{part}").latest() == pytest.approx(
                 trace / grad_sq, rel=1e-2, abs=1e-3 * abs(trace / grad_sq)), part
+    if rank == 0:  # layer_stats.jsonl holds every measurement's terms (metrics.json: the latest of 20 iterations)
+        from largebatch.analysis.metrics import read_layer_stats
+
+        _, records = read_layer_stats(os.path.join(str(out), "layer_stats.jsonl"))
+        assert [r["iter"] for r in records if "noise" in r] == [0, 1, 2]
+        for r in records:
+            trace = history(f"noise_trace_raw/{WHOLE_MODEL}").values()[r["iter"]][0]
+            assert r["noise"][WHOLE_MODEL][1] == pytest.approx(trace, rel=1e-5)
+            assert set(r["noise_scale"]) == {*layout.slices, WHOLE_MODEL}
     state = trainer.state_dict()["_trainer"]["noise_scale"]
     assert state["count"] == 3 and set(state["trace"]) == {*layout.slices, WHOLE_MODEL}
     return {part: history(f"noise_trace_raw/{part}").values()[0][0] for part in averaged}

@@ -167,6 +167,14 @@ def grad_var_records(arm_dir: str) -> List[tuple]:
             for r in records if isinstance(r.get("grad_var"), dict)]
 
 
+def noise_records(arm_dir: str) -> List[tuple]:
+    """(iteration, {part: (|G|^2, tr(Sigma))}) of every gradient-variance record of the run: each measurement's
+    unbiased terms of the gradient noise scale (largebatch.noise_scale), from layer_stats.jsonl."""
+    _, records = read_layer_stats(os.path.join(arm_dir, "layer_stats.jsonl"))
+    return [(r["iter"], {k: tuple(v) for k, v in r["noise"].items() if v and None not in v})
+            for r in records if isinstance(r.get("noise"), dict)]
+
+
 def phi_summary(row: dict, records: List[tuple], bn: str, after_epochs: float = 1.0) -> dict:
     """Mean Phi per part over the records after ``after_epochs`` (the warm-up), and how many of them have the
     backbone's Phi above 1 (cos < 0: the two halves' backbone gradients point apart)."""
