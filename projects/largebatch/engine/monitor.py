@@ -66,9 +66,9 @@ logger = logging.getLogger("largebatch")
 #: [|G|^2, tr(Sigma)]}`` (that measurement's unbiased terms of the gradient noise scale, "all" = whole model) and
 #: ``"noise_scale": {part: B_simple}`` (of the averaged terms, null while the averaged |G|^2 is not positive).
 #: LRs are exact, the other values have 6 significant digits; ``null`` marks a layer without gradient (or a
-#: non-finite value). Strict JSON (no NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k]. metrics.json and
-#: TensorBoard only get the latest value of each scalar every 20 iterations (detectron2's writers): this
-#: file has every record.
+#: non-finite value). Strict JSON (no NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k].
+#: metrics.json and TensorBoard only get the latest value of each scalar every 20 iterations (detectron2's
+#: writers): this file has every record.
 LAYER_STATS_FORMAT = "largebatch.layer_stats/1"
 LAYER_STATS_FILE = "layer_stats.jsonl"
 
