@@ -55,6 +55,7 @@ bench: setup
 	$(PYTHON) bench/optim_step.py
 	$(PYTHON) bench/agvm_overhead.py
 	$(PYTHON) bench/monitor_overhead.py
+	$(PYTHON) bench/noise_scale_overhead.py
 
 study: setup
 	$(PYTHON) bench/large_batch_study.py

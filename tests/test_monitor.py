@@ -223,9 +223,9 @@ def _lamb_worker(rank, world_size, out):
     local = []
     reduce = stepper.reducer.reduce
 
-    def capturing_reduce(lay):
+    def capturing_reduce(lay, **kwargs):
         local.append(lay.flat_grads().double().clone())  # this rank's own gradient, before any all-reduce
-        return reduce(lay)
+        return reduce(lay, **kwargs)
 
     stepper.reducer.reduce = capturing_reduce
     trainer.train()

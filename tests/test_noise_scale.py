@@ -90,9 +90,9 @@ def _noise_worker(rank, world_size, out, accumulate):
     if world_size > 1:
         reduce = stepper.reducer.reduce
 
-        def capturing_reduce(lay):
+        def capturing_reduce(lay, **kwargs):
             small.append([lay.flat_grads().double().clone()])  # this rank's own, over its accumulated micro-batches
-            return reduce(lay)
+            return reduce(lay, **kwargs)
 
         stepper.reducer.reduce = capturing_reduce
     else:
@@ -190,3 +190,18 @@ def test_the_planner_follows_mccandlishs_tradeoff(tmp_path, capsys):
     assert "B_noise = 90 images (noise_scale/all at iteration 80)" in out and "A model" in out
     assert "| 2 | 8 | 12.25 | 1.09 | 500 | 1.92x |" in out, out
     assert tool.main([str(tmp_path)]) == 2 and "has no noise_scale/all" in capsys.readouterr().err
+
+
+def test_noise_scale_off_measures_nothing_and_grad_var_stays(tmp_path):
+    from largebatch import LargeBatchTrainer
+
+    cfg = make_config("SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 0, "SOLVER.STEPS", "()",
+                      "DATASETS.TEST", "()", "MONITOR.PERIOD", 1, "MONITOR.NOISE_SCALE", False,
+                      "OUTPUT_DIR", str(tmp_path), config=CONFIG, register=True)
+    trainer = LargeBatchTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    keys = set(trainer.storage.histories())
+    assert trainer.stepper.noise_scale is None and trainer.stepper.measurement.noise is None
+    assert not any(k.startswith("noise") for k in keys) and "grad_var/backbone" in keys
+    assert "noise_scale" not in trainer.state_dict()["_trainer"]

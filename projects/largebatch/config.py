@@ -193,8 +193,10 @@ def add_largebatch_config(cfg):
     _C.MONITOR.EXPLOSION_FACTOR = 10.0
     _C.MONITOR.EXPLOSION_WINDOW = 20
     # The gradient noise scale B_simple per part (McCandlish et al. 2018; largebatch/noise_scale.py), measured on
-    # the gradient-variance iterations: its two terms are averaged over measurements with this decay (0.9: about
-    # the last 10 measurements, 200 iterations at PERIOD 20) before their ratio is taken. In [0, 1).
+    # the gradient-variance iterations (the monitor's PERIOD, or AGVM's INTERVAL): noise_scale/<part> and its terms.
+    _C.MONITOR.NOISE_SCALE = True
+    # Its two terms are averaged over measurements with this decay (0.9: about the last 10 measurements, 200
+    # iterations at PERIOD 20) before their ratio is taken. In [0, 1).
     _C.MONITOR.NOISE_SCALE_DECAY = 0.9
 
     # ---------------------------------------------------------------------------------------------------------

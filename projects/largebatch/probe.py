@@ -210,7 +210,7 @@ class HalfGroupReducer:
         first, second = self.split, self.world_size - self.split
         return (first, second) if rank < self.split else (second, first)
 
-    def reduce(self, layout: ModuleLayout) -> "ReducedGradients":
+    def reduce(self, layout: ModuleLayout, local_norms: bool = True) -> "ReducedGradients":
         """All-reduce the local gradients: p.grad becomes the global mean; returns (G1, G2) flat vectors,
         the mean gradients of ranks [0, W/2) and [W/2, W) (the two groups of AGVM eq. 3), and the mean over the
         workers of each part's squared local-gradient norm (the small-batch term of the noise scale).
@@ -219,15 +219,16 @@ class HalfGroupReducer:
         (the one extra all-reduce, within the half group; none when that half is this worker alone) runs
         concurrently with the global sum (what DDP would have done), whose bucket carries the parts' squared
         local norms at its end (a few floats more, no extra collective). The other half's sum is the global sum
-        minus the own half's.
+        minus the own half's. ``local_norms`` False: no squared norms (``local_sq`` is None).
         """
         rank = dist.get_rank()
         in_first = rank < self.split
         n_own, n_other = self.half_sizes(rank)
-        parts = len(layout.slices)
+        parts = len(layout.slices) if local_norms else 0
         bucket = layout.flat_grads(extra=parts)
         local = bucket[:layout.numel]
-        bucket[layout.numel:] = layout.part_sq_norms(local)
+        if local_norms:
+            bucket[layout.numel:] = layout.part_sq_norms(local)
         own = local.clone()
         work = None
         if n_own > 1:  # the one extra all-reduce
@@ -238,7 +239,7 @@ class HalfGroupReducer:
         other = (local - own).div_(n_other)  # the other half's sum, then its mean
         layout.write_grads(local.div_(self.world_size))  # the exact global mean is what the step uses
         own.div_(n_own)
-        local_sq = bucket[layout.numel:].double() / self.world_size
+        local_sq = bucket[layout.numel:].double() / self.world_size if local_norms else None
         g1, g2 = (own, other) if in_first else (other, own)
         return ReducedGradients(g1, g2, local_sq, local)
 
@@ -252,7 +253,7 @@ class ReducedGradients(NamedTuple):
 
     g1: torch.Tensor
     g2: torch.Tensor
-    local_sq: torch.Tensor
+    local_sq: Optional[torch.Tensor]
     mean: torch.Tensor
 
 

@@ -43,14 +43,16 @@ class LargeBatchStepper(SimpleTrainer):
             before anything reads them (finiteness check, gradient variance, clipping, trust ratios).
         device_type: "cuda" or "cpu", for AMP.
         explosion_guard: an ``ExplosionGuard`` checked every iteration (none by default).
-        noise_decay: the decay per measurement of the noise scale's moving averages (``noise_scale.NoiseScale``).
+        noise_decay: the decay per measurement of the noise scale's moving averages (``noise_scale.NoiseScale``);
+            None: the noise scale is not measured.
     """
 
     def __init__(self, model, data_loader, optimizer, *, accumulate_steps=1, variance_period=0, amp=False,
                  device_type="cuda", explosion_guard=None, noise_decay=0.9):
         super().__init__(model, data_loader, optimizer)
         #: the gradient noise scale per part (McCandlish et al. 2018), averaged over the measurement iterations
-        self.noise_scale = NoiseScale(noise_decay)
+        #: (None: not measured)
+        self.noise_scale = NoiseScale(noise_decay) if noise_decay is not None else None
         self.explosion_guard = explosion_guard if explosion_guard is not None else ExplosionGuard(factor=0)
         self.accumulate_steps = accumulate_steps
         self.variance_period = variance_period
@@ -120,20 +122,22 @@ class LargeBatchStepper(SimpleTrainer):
                 # DDP all-reduces the last micro-batch only, and none on measurement iterations
                 loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
             if measure:
-                reduced = self.reducer.reduce(self.layout)
+                reduced = self.reducer.reduce(self.layout, local_norms=self.noise_scale is not None)
                 samples = [sum(len(data) for data in batches)] * self.world_size  # equal shares (validated)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
             if reduced is not None:
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
-                reduced = ReducedGradients(reduced.g1 * inv_scale, reduced.g2 * inv_scale,
-                                           reduced.local_sq * inv_scale ** 2, reduced.mean * inv_scale)
+                local_sq = reduced.local_sq * inv_scale ** 2 if reduced.local_sq is not None else None
+                reduced = ReducedGradients(reduced.g1 * inv_scale, reduced.g2 * inv_scale, local_sq,
+                                           reduced.mean * inv_scale)
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
         norms, grads_finite, explosion_check = self._check_finite(loss_dict)
         phi = noise = None
         if reduced is not None and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
             phi = self.measure_variance(reduced.g1, reduced.g2)
-            noise = self.measure_noise_scale(reduced, samples)
+            if self.noise_scale is not None:
+                noise = self.measure_noise_scale(reduced, samples)
         self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check, noise)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
@@ -163,7 +167,9 @@ class LargeBatchStepper(SimpleTrainer):
         g1, g2 = halves
         mean = (g1 + g2) / 2
         self.layout.write_grads(mean)
-        local_sq = (self.layout.part_sq_norms(g1).double() + self.layout.part_sq_norms(g2).double()) / 2
+        local_sq = None
+        if self.noise_scale is not None:
+            local_sq = (self.layout.part_sq_norms(g1).double() + self.layout.part_sq_norms(g2).double()) / 2
         return ReducedGradients(g1, g2, local_sq, mean)
 
     def _check_finite(self, loss_dict) -> Tuple[torch.Tensor, bool]:
@@ -296,7 +302,8 @@ class LargeBatchStepper(SimpleTrainer):
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
         ret["explosion_guard"] = self.explosion_guard.state_dict()
-        ret["noise_scale"] = self.noise_scale.state_dict()
+        if self.noise_scale is not None:
+            ret["noise_scale"] = self.noise_scale.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
@@ -305,5 +312,5 @@ class LargeBatchStepper(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         if "explosion_guard" in state_dict:
             self.explosion_guard.load_state_dict(state_dict["explosion_guard"])
-        if "noise_scale" in state_dict:
+        if "noise_scale" in state_dict and self.noise_scale is not None:
             self.noise_scale.load_state_dict(state_dict["noise_scale"])

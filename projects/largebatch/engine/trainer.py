@@ -69,7 +69,7 @@ class LargeBatchTrainer(DefaultTrainer):
             amp=cfg.SOLVER.AMP.ENABLED,
             device_type="cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu",
             explosion_guard=ExplosionGuard(monitor.EXPLOSION_FACTOR, monitor.EXPLOSION_WINDOW),
-            noise_decay=monitor.NOISE_SCALE_DECAY,
+            noise_decay=monitor.NOISE_SCALE_DECAY if monitor.NOISE_SCALE else None,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # a checkpoint written while the explosion guard sees trouble is not what --resume should pick
@@ -160,8 +160,9 @@ class LargeBatchTrainer(DefaultTrainer):
 
     def train(self):
         result = super().train()
-        statement = critical_batch_statement(self.stepper.noise_scale, self.cfg.SOLVER.IMS_PER_BATCH *
-                                             self.cfg.SOLVER.ACCUMULATE_STEPS)
+        noise = self.stepper.noise_scale
+        statement = noise and critical_batch_statement(noise, self.cfg.SOLVER.IMS_PER_BATCH *
+                                                       self.cfg.SOLVER.ACCUMULATE_STEPS)
         if statement and comm.is_main_process():
             logger.info(statement)
         return result
