@@ -24,12 +24,13 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes", "sgd.yaml")
@@ -92,11 +93,12 @@ def launch_workers(worker: Callable, args, *extra) -> None:
         launch(worker, args.num_workers, dist_url="auto", args=(args, out_root, *extra), device=device)
 
 
-def train_net(out: str, config: str, opts: Sequence[str], num_workers: int, python: str = sys.executable
-              ) -> Tuple[int, str]:
+def train_net(out: str, config: str, opts: Sequence[str], num_workers: int, python: str = sys.executable,
+              stop_when: Optional[Callable[[], bool]] = None, poll_s: float = 2.0) -> Tuple[int, str]:
     """``train_net.py --num-gpus W --dist-url auto --config-file CONFIG OPTS OUTPUT_DIR out`` in a subprocess
     (one OpenMP thread per worker), into a fresh ``out``, its output in ``out/train.log`` after the command
-    line; returns the exit status and the log."""
+    line; returns the exit status and the log. ``stop_when``: asked every ``poll_s`` seconds; once it returns
+    True the run gets SIGTERM (every worker finishes its step, checkpoints and exits with code 75)."""
     if os.path.isdir(out):
         shutil.rmtree(out)  # a stale metrics.json / layer_stats.jsonl would be appended to
     os.makedirs(out)
@@ -108,7 +110,20 @@ def train_net(out: str, config: str, opts: Sequence[str], num_workers: int, pyth
     with open(path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        returncode = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            stopped = False
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    if stop_when is not None and not stopped and stop_when():
+                        proc.send_signal(signal.SIGTERM)
+                        stopped = True
+        except BaseException:  # Ctrl-C / kill of the bench: do not leave the run behind
+            proc.kill()
+            raise
+        returncode = proc.wait()
     with open(path) as f:
         return returncode, f.read()
 

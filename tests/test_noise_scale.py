@@ -205,3 +205,21 @@ def test_noise_scale_off_measures_nothing_and_grad_var_stays(tmp_path):
     assert trainer.stepper.noise_scale is None and trainer.stepper.measurement.noise is None
     assert not any(k.startswith("noise") for k in keys) and "grad_var/backbone" in keys
     assert "noise_scale" not in trainer.state_dict()["_trainer"]
+
+
+def test_steps_to_target_and_mccandlishs_fit_on_constructed_runs():
+    from largebatch.analysis.scaling import fit_tradeoff, predicted_steps, smoothing_window, steps_to_target
+
+    assert smoothing_window(4, 256) == 64 and smoothing_window(512, 256) == 1
+    losses = list(enumerate([3.0, 2.0, 1.0, 0.9, 0.7, 0.8, 0.5]))
+    assert steps_to_target(losses, 0.85, 1) == 5  # iteration 4 (the 5th step) is the first at or below
+    assert steps_to_target(losses, 0.79, 2) == 5.5  # window (0.7, 0.8) at iterations 4-5: centre 4.5, step 5.5
+    assert steps_to_target(losses, 0.1, 2) is None
+    s_min, e_min = 50.0, 1600.0  # B_crit 32
+    batches = [4, 8, 16, 32, 64, 128]
+    fitted = fit_tradeoff(batches, predicted_steps(s_min, e_min, batches))
+    assert fitted == pytest.approx((50.0, 1600.0, 32.0))
+    with pytest.raises(ValueError, match="do not follow"):
+        fit_tradeoff([4, 64], [10.0, 100.0])  # more steps at the larger batch
+    with pytest.raises(ValueError, match="two"):
+        fit_tradeoff([16], [100.0])

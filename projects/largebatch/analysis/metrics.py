@@ -81,8 +81,8 @@ def layer_values(header: dict, record: dict, what: str) -> List[float]:
 
 def add_layer_series(series: dict, header: dict, records: List[dict]) -> None:
     """Add to ``series`` ({key: {iteration: value}}) the per-part mean / min / max of trust ratio and local LR,
-    grad_var and agvm_mu of every layer_stats.jsonl record, for the iterations metrics.json lacks (its writer
-    keeps only the latest value every 20 iterations, so a MONITOR.PERIOD below 20 is sampled there)."""
+    grad_var, agvm_mu and noise_scale of every layer_stats.jsonl record, for the iterations metrics.json lacks (its
+    writer keeps only the latest value every 20 iterations, so a MONITOR.PERIOD below 20 is sampled there)."""
     parts = header["parts"]
     for record in records:
         it = record["iter"]
@@ -95,7 +95,7 @@ def add_layer_series(series: dict, header: dict, records: List[dict]) -> None:
                 for key, value in ((f"{what}/{part}", sum(vals) / len(vals)), (f"{what}_min/{part}", min(vals)),
                                    (f"{what}_max/{part}", max(vals))):
                     series.setdefault(key, {}).setdefault(it, value)
-        for key in ("grad_var", "agvm_mu"):
+        for key in ("grad_var", "agvm_mu", "noise_scale"):
             for part, v in (record.get(key) or {}).items():
                 if v is not None:
                     series.setdefault(f"{key}/{part}", {}).setdefault(it, float(v))
