@@ -69,7 +69,17 @@ def test_noise_scale_averages_its_terms_separately_bias_corrected_and_round_trip
                            "~27.5 images at the end; this run's batch 64 images; per part: fpn n/a"), line
 
 
-def _noise_worker(rank, world_size, out, accumulate):
+def _preconditioner(stepper):
+    """Adam's 1 / (sqrt(v) + eps) per element from the optimizer's state as it is now (before the step)."""
+    pieces = []
+    for p, group in zip(stepper.layout.params, stepper.layout.groups):
+        v = stepper.optimizer.state.get(p, {}).get("exp_avg_sq")
+        v = torch.zeros(p.numel(), dtype=torch.float64) if v is None else v.reshape(-1).double()
+        pieces.append(1.0 / (v.sqrt() + group["eps"]))
+    return torch.cat(pieces)
+
+
+def _noise_worker(rank, world_size, out, accumulate, optimizer="SGD"):
     """Train 3 iterations (each a measurement), capture every worker's own gradient before the all-reduce (one
     worker: the two half-batch gradients), and compare the logged terms with McCandlish's formulas on them."""
     import torch.distributed as dist
@@ -81,17 +91,20 @@ def _noise_worker(rank, world_size, out, accumulate):
     cfg = make_config("SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", ims, "SOLVER.ACCUMULATE_STEPS", accumulate,
                       "SOLVER.WARMUP_ITERS", 0, "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", 1000,
                       "DATASETS.TEST", "()", "MONITOR.PERIOD", 1, "MONITOR.NOISE_SCALE_DECAY", 0.5,
+                      "SOLVER.OPTIMIZER", optimizer, "SOLVER.BASE_LR", 0.001 if optimizer == "LAMB" else 0.02,
                       "OUTPUT_DIR", str(out), config=CONFIG, register=True)
     trainer = LargeBatchTrainer(cfg)
     trainer.resume_or_load(resume=False)
     stepper = trainer.stepper
     layout = stepper.layout
     small = []  # per measurement: the small gradients (float64), and the images behind each
+    preconditioners = []  # per measurement, Adam's before the step
     if world_size > 1:
         reduce = stepper.reducer.reduce
 
         def capturing_reduce(lay, **kwargs):
             small.append([lay.flat_grads().double().clone()])  # this rank's own, over its accumulated micro-batches
+            preconditioners.append(_preconditioner(stepper) if optimizer == "LAMB" else None)
             return reduce(lay, **kwargs)
 
         stepper.reducer.reduce = capturing_reduce
@@ -99,6 +112,7 @@ def _noise_worker(rank, world_size, out, accumulate):
         split = stepper._split_batch_halves
 
         def capturing_split(batches, loss_dicts):
+            preconditioners.append(_preconditioner(stepper) if optimizer == "LAMB" else None)
             reduced = split(batches, loss_dicts)
             small.append([reduced.g1.double().clone(), reduced.g2.double().clone()])
             return reduced
@@ -109,24 +123,32 @@ def _noise_worker(rank, world_size, out, accumulate):
     history = trainer.storage.history
     per_sample = ims // max(world_size, 1) * accumulate if world_size > 1 else ims // 2 * accumulate
     averaged = {}
+    variants = [("", lambda g, m: g)]
+    if optimizer == "LAMB":
+        variants.append(("_adam", lambda g, m: g * preconditioners[m]))
+    assert (stepper.noise_scale_adam is not None) == (optimizer == "LAMB")
     for m, grads in enumerate(small):
         if world_size > 1:
             every = [torch.zeros_like(grads[0]) for _ in range(world_size)]
             dist.all_gather(every, grads[0])
             grads = every
-        big = sum(grads) / len(grads)
-        for part, sl in [*layout.slices.items(), (WHOLE_MODEL, slice(0, layout.numel))]:
-            small_sq = sum((g[sl] * g[sl]).sum().item() for g in grads) / len(grads)
-            ref_grad_sq, ref_trace = _mccandlish(small_sq, (big[sl] * big[sl]).sum().item(), per_sample,
-                                                 per_sample * len(grads))
-            got_grad_sq = history(f"noise_grad_sq_raw/{part}").values()[m]
-            got_trace = history(f"noise_trace_raw/{part}").values()[m]
-            assert got_grad_sq[1] == got_trace[1] == m, part
-            scale = abs(ref_trace) / (per_sample * len(grads)) + abs(ref_grad_sq)  # the size of E|G_big|^2
-            assert got_trace[0] == pytest.approx(ref_trace, rel=1e-4, abs=1e-5 * scale * per_sample), part
-            assert got_grad_sq[0] == pytest.approx(ref_grad_sq, abs=1e-4 * scale + 1e-12), part
-            a = averaged.setdefault(part, [0.0, 0.0])
-            a[0], a[1] = 0.5 * a[0] + 0.5 * ref_grad_sq, 0.5 * a[1] + 0.5 * ref_trace
+        for suffix, transform in variants:
+            seen = [transform(g, m) for g in grads]
+            big = sum(seen) / len(seen)
+            for part, sl in [*layout.slices.items(), (WHOLE_MODEL, slice(0, layout.numel))]:
+                small_sq = sum((g[sl] * g[sl]).sum().item() for g in seen) / len(seen)
+                ref_grad_sq, ref_trace = _mccandlish(small_sq, (big[sl] * big[sl]).sum().item(), per_sample,
+                                                     per_sample * len(seen))
+                got_grad_sq = history(f"noise_grad_sq{suffix}_raw/{part}").values()[m]
+                got_trace = history(f"noise_trace{suffix}_raw/{part}").values()[m]
+                assert got_grad_sq[1] == got_trace[1] == m, part
+                scale = abs(ref_trace) / (per_sample * len(seen)) + abs(ref_grad_sq)  # the size of E|G_big|^2
+                assert got_trace[0] == pytest.approx(ref_trace, rel=1e-4, abs=1e-5 * scale * per_sample), part
+                assert got_grad_sq[0] == pytest.approx(ref_grad_sq, abs=1e-4 * scale + 1e-12), part
+                if suffix:
+                    continue
+                a = averaged.setdefault(part, [0.0, 0.0])
+                a[0], a[1] = 0.5 * a[0] + 0.5 * ref_grad_sq, 0.5 * a[1] + 0.5 * ref_trace
     for part, (grad_sq, trace) in averaged.items():
         correction = 1 - 0.5 ** 3
         logged = history(f"noise_trace/{part}").latest()
@@ -152,16 +174,17 @@ def history_keys(trainer):
     return set(trainer.storage.histories())
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_logged_noise_scale_on_one_worker_is_the_formula_on_its_two_halves(tmp_path, accumulate):
-    _noise_worker(0, 1, tmp_path, accumulate)
+@pytest.mark.parametrize("accumulate, optimizer", [(1, "SGD"), (2, "SGD"), (1, "LAMB")])
+def test_the_logged_noise_scale_on_one_worker_is_the_formula_on_its_two_halves(tmp_path, accumulate, optimizer):
+    _noise_worker(0, 1, tmp_path, accumulate, optimizer)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, accumulate", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("world_size, accumulate, optimizer", [(2, 2, "LAMB"), (4, 1, "SGD")])
 def test_the_logged_noise_scale_is_the_formula_on_every_workers_gradient(tmp_path, run_workers, world_size,
-                                                                         accumulate):
-    results = run_workers(_noise_worker, world_size, str(tmp_path), accumulate, timeout=600)
+                                                                         accumulate, optimizer):
+    """Raw gradients, and for LAMB also the Adam-preconditioned ones (1 / (sqrt(v) + eps), v before each step)."""
+    results = run_workers(_noise_worker, world_size, str(tmp_path), accumulate, optimizer, timeout=600)
     assert all(r == results[0] for r in results)  # identical on every worker (rank 0's values)
     assert all(math.isfinite(v) for v in results[0].values())
 

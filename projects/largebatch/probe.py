@@ -38,6 +38,8 @@ class GradientMeasurement:
         overflowed under AMP (not judged).
     noise: this measurement's unbiased (|G|^2, tr(Sigma)) per part and for the whole model ("all"), the gradient
         noise scale's two terms (``largebatch.noise_scale``), identical on every worker; None where phi is.
+    noise_adam: the same for the gradient preconditioned by Adam's 1 / (sqrt(v) + eps) (AdamW, LAMB, PMD-LAMB; v
+        before this step), else None.
     """
 
     iteration: int
@@ -46,6 +48,7 @@ class GradientMeasurement:
     phi: Optional[Dict[str, float]] = None
     explosion_check: Optional[Dict[str, Optional[float]]] = None
     noise: Optional[Dict[str, Tuple[float, float]]] = None
+    noise_adam: Optional[Dict[str, Tuple[float, float]]] = None
 
 
 def second_moment_state(optimizer: torch.optim.Optimizer) -> Optional[str]:
@@ -144,13 +147,24 @@ class ModuleLayout:
         """g / (sqrt(beta2 * v + (1 - beta2) * g^2) + eps) per element, v = the optimizer's second moment
         ``optimizer.state[p][state_key]`` before this step (0 before the first): the Adam-normalised gradient on
         which the official AGVM code measures Phi (eq. 3) for Adam-family optimizers (AdamW, LAMB, PMD-LAMB)."""
-        state = optimizer.state
-        v = torch.cat([
-            sq.reshape(-1).to(flat.dtype) if sq is not None else torch.zeros(n, device=flat.device, dtype=flat.dtype)
-            for sq, n in ((state.get(p, {}).get(state_key), n) for p, n in zip(self.params, self.sizes))
-        ])
+        v = self._second_moments(flat, optimizer, state_key)
         beta2, eps = self._per_element_betas(flat)
         return flat / ((beta2 * v + (1 - beta2) * flat * flat).sqrt() + eps)
+
+    def adam_preconditioner(self, like: torch.Tensor, optimizer: torch.optim.Optimizer, state_key: str) -> torch.Tensor:
+        """1 / (sqrt(v) + eps) per element, v = the optimizer's second moment before this step (0 before the first:
+        a constant, i.e. the raw gradient): the fixed, linear preconditioner under which the gradient noise scale of
+        an Adam-family optimizer is measured (its scale cancels in B_simple; v's bias correction too)."""
+        v = self._second_moments(like, optimizer, state_key)
+        _, eps = self._per_element_betas(like)
+        return 1.0 / (v.sqrt() + eps)
+
+    def _second_moments(self, like: torch.Tensor, optimizer: torch.optim.Optimizer, state_key: str) -> torch.Tensor:
+        state = optimizer.state
+        return torch.cat([
+            sq.reshape(-1).to(like.dtype) if sq is not None else torch.zeros(n, device=like.device, dtype=like.dtype)
+            for sq, n in ((state.get(p, {}).get(state_key), n) for p, n in zip(self.params, self.sizes))
+        ])
 
     def _per_element_betas(self, flat: torch.Tensor):
         """beta2 and eps of every element's param group, built on the host once (and again only when a group's
@@ -210,7 +224,8 @@ class HalfGroupReducer:
         first, second = self.split, self.world_size - self.split
         return (first, second) if rank < self.split else (second, first)
 
-    def reduce(self, layout: ModuleLayout, local_norms: bool = True) -> "ReducedGradients":
+    def reduce(self, layout: ModuleLayout, local_norms: bool = True,
+               preconditioner: Optional[torch.Tensor] = None) -> "ReducedGradients":
         """All-reduce the local gradients: p.grad becomes the global mean; returns (G1, G2) flat vectors,
         the mean gradients of ranks [0, W/2) and [W/2, W) (the two groups of AGVM eq. 3), and the mean over the
         workers of each part's squared local-gradient norm (the small-batch term of the noise scale).
@@ -219,16 +234,20 @@ class HalfGroupReducer:
         (the one extra all-reduce, within the half group; none when that half is this worker alone) runs
         concurrently with the global sum (what DDP would have done), whose bucket carries the parts' squared
         local norms at its end (a few floats more, no extra collective). The other half's sum is the global sum
-        minus the own half's. ``local_norms`` False: no squared norms (``local_sq`` is None).
+        minus the own half's. ``local_norms`` False: no squared norms (``local_sq`` is None). ``preconditioner``
+        (flat, layout order): also the squared norms of the preconditioned local gradients (``local_sq_pre``).
         """
         rank = dist.get_rank()
         in_first = rank < self.split
         n_own, n_other = self.half_sizes(rank)
         parts = len(layout.slices) if local_norms else 0
-        bucket = layout.flat_grads(extra=parts)
+        pre = parts if local_norms and preconditioner is not None else 0
+        bucket = layout.flat_grads(extra=parts + pre)
         local = bucket[:layout.numel]
         if local_norms:
-            bucket[layout.numel:] = layout.part_sq_norms(local)
+            bucket[layout.numel:layout.numel + parts] = layout.part_sq_norms(local)
+        if pre:
+            bucket[layout.numel + parts:] = layout.part_sq_norms(local * preconditioner)
         own = local.clone()
         work = None
         if n_own > 1:  # the one extra all-reduce
@@ -239,9 +258,11 @@ class HalfGroupReducer:
         other = (local - own).div_(n_other)  # the other half's sum, then its mean
         layout.write_grads(local.div_(self.world_size))  # the exact global mean is what the step uses
         own.div_(n_own)
-        local_sq = bucket[layout.numel:].double() / self.world_size if local_norms else None
+        sums = bucket[layout.numel:].double() / self.world_size
+        local_sq = sums[:parts] if local_norms else None
+        local_sq_pre = sums[parts:] if pre else None
         g1, g2 = (own, other) if in_first else (other, own)
-        return ReducedGradients(g1, g2, local_sq, local)
+        return ReducedGradients(g1, g2, local_sq, local, local_sq_pre)
 
 
 class ReducedGradients(NamedTuple):
@@ -249,12 +270,14 @@ class ReducedGradients(NamedTuple):
 
     g1, g2: the two halves' mean gradients (flat, layout order). local_sq: per part, the mean over the S small
     gradients (the W workers' own, or the two halves) of their squared norms, float64. mean: the gradient the step
-    uses (flat), the global mean."""
+    uses (flat), the global mean. local_sq_pre: as local_sq, of the preconditioned small gradients (Adam-family
+    optimizers), else None."""
 
     g1: torch.Tensor
     g2: torch.Tensor
     local_sq: Optional[torch.Tensor]
     mean: torch.Tensor
+    local_sq_pre: Optional[torch.Tensor] = None
 
 
 def broadcast_from_main(values: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,8 @@ logger = logging.getLogger("largebatch")
 #: {"total_loss", "grad_norm", "explosion_ratio"}`` (what the explosion guard judged; the ratio is null in the
 #: first iterations, before the guard has history), and on gradient-variance iterations ``"noise": {part:
 #: [|G|^2, tr(Sigma)]}`` (that measurement's unbiased terms of the gradient noise scale, "all" = whole model) and
-#: ``"noise_scale": {part: B_simple}`` (of the averaged terms, null while the averaged |G|^2 is not positive).
+#: ``"noise_scale": {part: B_simple}`` (of the averaged terms, null while the averaged |G|^2 is not positive);
+#: for Adam-family optimizers also ``"noise_adam"`` / ``"noise_scale_adam"``, of the preconditioned gradient.
 #: LRs are exact, the other values have 6 significant digits; ``null`` marks a layer without gradient (or a
 #: non-finite value). Strict JSON (no NaN / Infinity tokens). local_lr[k] = lr[groups[k]] * trust_ratio[k].
 #: metrics.json and TensorBoard only get the latest value of each scalar every 20 iterations (detectron2's
@@ -229,14 +230,16 @@ class MonitorHook(HookBase):
                 if isinstance(self.optimizer, AGVM):
                     mu = self.optimizer.mu
                     record["agvm_mu"] = dict(zip(mu, _compact(torch.tensor(list(mu.values()), dtype=torch.float64))))
-                if measurement.noise:  # this measurement's unbiased terms, and B_simple of their averages
-                    parts = list(measurement.noise)
-                    terms = torch.tensor([measurement.noise[p] for p in parts], dtype=torch.float64)
-                    record["noise"] = dict(zip(parts, ([g, t] for g, t in zip(_compact(terms[:, 0]),
-                                                                                _compact(terms[:, 1])))))
-                    scales = [self.stepper.noise_scale.value(p) for p in parts]
-                    record["noise_scale"] = dict(zip(parts, _compact(torch.tensor(
-                        [math.nan if v is None else v for v in scales], dtype=torch.float64))))
+                for suffix, noise, tracker in (("", measurement.noise, self.stepper.noise_scale),
+                                               ("_adam", measurement.noise_adam, self.stepper.noise_scale_adam)):
+                    if noise:  # this measurement's unbiased terms, and B_simple of their averages
+                        parts = list(noise)
+                        terms = torch.tensor([noise[p] for p in parts], dtype=torch.float64)
+                        record[f"noise{suffix}"] = dict(zip(parts, ([g, t] for g, t in zip(
+                            _compact(terms[:, 0]), _compact(terms[:, 1])))))
+                        scales = [tracker.value(p) for p in parts]
+                        record[f"noise_scale{suffix}"] = dict(zip(parts, _compact(torch.tensor(
+                            [math.nan if v is None else v for v in scales], dtype=torch.float64))))
                 if measurement.explosion_check is not None:
                     check = measurement.explosion_check
                     record["explosion_check"] = dict(zip(check, _compact(torch.tensor(

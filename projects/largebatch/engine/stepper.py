@@ -66,6 +66,8 @@ class LargeBatchStepper(SimpleTrainer):
         # AdamW, LAMB, PMD-LAMB: Phi on Adam-normalised gradients (the official AGVM code)
         self._second_moment = second_moment_state(self._stepping)
         self.adam_normalized = self._second_moment is not None
+        #: for Adam-family optimizers, the noise scale of the gradient preconditioned by 1 / (sqrt(v) + eps) too
+        self.noise_scale_adam = NoiseScale(noise_decay) if noise_decay is not None and self.adam_normalized else None
         #: this iteration's GradientMeasurement (largebatch.probe), published before the optimizer step
         self.measurement: Optional[GradientMeasurement] = None
         self._last_phi: Optional[Dict[str, float]] = None
@@ -122,23 +124,29 @@ class LargeBatchStepper(SimpleTrainer):
                 # DDP all-reduces the last micro-batch only, and none on measurement iterations
                 loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
             if measure:
-                reduced = self.reducer.reduce(self.layout, local_norms=self.noise_scale is not None)
+                reduced = self.reducer.reduce(self.layout, local_norms=self.noise_scale is not None,
+                                              preconditioner=self._preconditioner())
                 samples = [sum(len(data) for data in batches)] * self.world_size  # equal shares (validated)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
             if reduced is not None:
                 inv_scale = 1.0 / self.grad_scaler.get_scale()
-                local_sq = reduced.local_sq * inv_scale ** 2 if reduced.local_sq is not None else None
+                local_sq, local_sq_pre = (None if sq is None else sq * inv_scale ** 2
+                                          for sq in (reduced.local_sq, reduced.local_sq_pre))
                 reduced = ReducedGradients(reduced.g1 * inv_scale, reduced.g2 * inv_scale, local_sq,
-                                           reduced.mean * inv_scale)
+                                           reduced.mean * inv_scale, local_sq_pre)
         loss_dict = {key: sum(d[key] for d in loss_dicts) / len(loss_dicts) for key in loss_dicts[0]}
         norms, grads_finite, explosion_check = self._check_finite(loss_dict)
-        phi = noise = None
+        phi = noise = noise_adam = None
         if reduced is not None and grads_finite:  # a step GradScaler skips is not measured: its gradients overflowed
             phi = self.measure_variance(reduced.g1, reduced.g2)
             if self.noise_scale is not None:
-                noise = self.measure_noise_scale(reduced, samples)
-        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check, noise)
+                noise = self.measure_noise_scale(reduced.local_sq, reduced.mean, samples, self.noise_scale, "")
+            if self.noise_scale_adam is not None:
+                noise_adam = self.measure_noise_scale(reduced.local_sq_pre, reduced.mean * self._preconditioner(),
+                                                      samples, self.noise_scale_adam, "_adam")
+        self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check, noise,
+                                               noise_adam)
         self._write_metrics(loss_dict, data_time)
         if self.agvm is not None:
             if phi is not None and self.agvm.is_measurement_iter(self.iter):
@@ -167,10 +175,23 @@ class LargeBatchStepper(SimpleTrainer):
         g1, g2 = halves
         mean = (g1 + g2) / 2
         self.layout.write_grads(mean)
-        local_sq = None
+        local_sq = local_sq_pre = None
         if self.noise_scale is not None:
             local_sq = (self.layout.part_sq_norms(g1).double() + self.layout.part_sq_norms(g2).double()) / 2
-        return ReducedGradients(g1, g2, local_sq, mean)
+        pre = self._preconditioner()
+        if pre is not None:
+            local_sq_pre = (self.layout.part_sq_norms(g1 * pre).double() +
+                            self.layout.part_sq_norms(g2 * pre).double()) / 2
+        return ReducedGradients(g1, g2, local_sq, mean, local_sq_pre)
+
+    def _preconditioner(self) -> Optional[torch.Tensor]:
+        """Adam's 1 / (sqrt(v) + eps) per element before this step, for the preconditioned noise scale; None
+        unless the optimizer is of the Adam family and the noise scale is measured."""
+        if self.noise_scale_adam is None:
+            return None
+        p0 = self.layout.params[0]
+        like = torch.empty(0, device=p0.device, dtype=torch.promote_types(torch.float32, p0.dtype))
+        return self.layout.adam_preconditioner(like, self._stepping, self._second_moment)
 
     def _check_finite(self, loss_dict) -> Tuple[torch.Tensor, bool]:
         """The divergence guard, every iteration, before the step: a non-finite loss (on any worker) or
@@ -270,31 +291,33 @@ class LargeBatchStepper(SimpleTrainer):
         self._last_phi = phi
         return phi
 
-    def measure_noise_scale(self, reduced: ReducedGradients, samples: List[int]) -> Dict[str, Tuple[float, float]]:
+    def measure_noise_scale(self, local_sq: torch.Tensor, mean: torch.Tensor, samples: List[int],
+                            tracker: NoiseScale, suffix: str) -> Dict[str, Tuple[float, float]]:
         """The gradient noise scale's two terms (``noise_scale.noise_terms``: McCandlish et al. App. A.1) per part
-        and for the whole model, from the small gradients' mean squared norms and the step's gradient, with
-        ``samples`` images behind each small gradient (the workers', or the two halves of the batch); averaged
-        into ``self.noise_scale`` and written as metrics: ``noise_scale/<part>`` (B_simple in images, of the
-        averages), ``noise_grad_sq/<part>``, ``noise_trace/<part>`` (the averaged terms) and this measurement's own
-        terms (``..._raw/<part>``). Identical on all workers (rank 0's values). Returns this measurement's terms."""
-        big_sq = self.layout.part_sq_norms(reduced.mean).double()
+        and for the whole model, from the small gradients' mean squared norms ``local_sq`` and the step's gradient
+        ``mean``, with ``samples`` images behind each small gradient (the workers', or the two halves of the
+        batch); averaged into ``tracker`` and written as metrics: ``noise_scale<suffix>/<part>`` (B_simple in
+        images, of the averages), ``noise_grad_sq<suffix>/<part>``, ``noise_trace<suffix>/<part>`` (the averaged
+        terms) and this measurement's own terms (``..._raw/<part>``); suffix "" for the raw gradient, "_adam" for
+        the Adam-preconditioned one. Identical on all workers (rank 0's values). Returns this measurement's terms."""
+        big_sq = self.layout.part_sq_norms(mean).double()
         weights = [1.0 / len(samples)] * len(samples)
-        grad_sq, trace = noise_terms(reduced.local_sq, big_sq, samples, weights)
+        grad_sq, trace = noise_terms(local_sq, big_sq, samples, weights)
         terms = torch.stack([grad_sq, trace])
         values = broadcast_from_main(torch.cat([terms, terms.sum(1, keepdim=True)], dim=1)).tolist()
         parts = [*self.layout.modules, WHOLE_MODEL]
         raw_grad_sq, raw_trace = dict(zip(parts, values[0])), dict(zip(parts, values[1]))
-        self.noise_scale.update(raw_grad_sq, raw_trace)
+        tracker.update(raw_grad_sq, raw_trace)
         storage = get_event_storage()
         for part in parts:
-            averaged_grad_sq, averaged_trace = self.noise_scale.terms(part)
-            storage.put_scalar(f"noise_grad_sq/{part}", averaged_grad_sq, smoothing_hint=False)
-            storage.put_scalar(f"noise_trace/{part}", averaged_trace, smoothing_hint=False)
-            storage.put_scalar(f"noise_grad_sq_raw/{part}", raw_grad_sq[part], smoothing_hint=False)
-            storage.put_scalar(f"noise_trace_raw/{part}", raw_trace[part], smoothing_hint=False)
-            value = self.noise_scale.value(part)
+            averaged_grad_sq, averaged_trace = tracker.terms(part)
+            storage.put_scalar(f"noise_grad_sq{suffix}/{part}", averaged_grad_sq, smoothing_hint=False)
+            storage.put_scalar(f"noise_trace{suffix}/{part}", averaged_trace, smoothing_hint=False)
+            storage.put_scalar(f"noise_grad_sq{suffix}_raw/{part}", raw_grad_sq[part], smoothing_hint=False)
+            storage.put_scalar(f"noise_trace{suffix}_raw/{part}", raw_trace[part], smoothing_hint=False)
+            value = tracker.value(part)
             if value is not None:
-                storage.put_scalar(f"noise_scale/{part}", value, smoothing_hint=False)
+                storage.put_scalar(f"noise_scale{suffix}/{part}", value, smoothing_hint=False)
         return {part: (raw_grad_sq[part], raw_trace[part]) for part in parts}
 
     def state_dict(self):
@@ -302,8 +325,9 @@ class LargeBatchStepper(SimpleTrainer):
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
         ret["explosion_guard"] = self.explosion_guard.state_dict()
-        if self.noise_scale is not None:
-            ret["noise_scale"] = self.noise_scale.state_dict()
+        for key in ("noise_scale", "noise_scale_adam"):
+            if getattr(self, key) is not None:
+                ret[key] = getattr(self, key).state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
@@ -312,5 +336,6 @@ class LargeBatchStepper(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         if "explosion_guard" in state_dict:
             self.explosion_guard.load_state_dict(state_dict["explosion_guard"])
-        if "noise_scale" in state_dict and self.noise_scale is not None:
-            self.noise_scale.load_state_dict(state_dict["noise_scale"])
+        for key in ("noise_scale", "noise_scale_adam"):
+            if key in state_dict and getattr(self, key) is not None:
+                getattr(self, key).load_state_dict(state_dict[key])
