@@ -253,6 +253,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence], right: Seque
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in [header, align, *rows])
 
 
+def on_off_table(runs: Dict[str, "Run"], timed: Sequence[int], period: int, what: str) -> str:
+    """Seconds per iteration of ``runs["off"]`` and ``runs["on"]`` over the ``timed`` iterations (wall clock and
+    CPU of this process; the median of the periods and all iterations), with the ratio on / off, as markdown."""
+    rows = []
+    for kind, label in (("wall", "wall clock"), ("cpu", "CPU (rank 0)")):
+        per_period = {n: means([getattr(r, kind)[j] for j in timed], period) for n, r in runs.items()}
+        a, b = median(per_period["off"]), median(per_period["on"])
+        rows.append([f"{label}, median of the periods", f"{a:.4f}", f"{b:.4f}", f"{b / a:.4f}x"])
+        a, b = (sum(getattr(runs[n], kind)[j] for j in timed) / len(timed) for n in ("off", "on"))
+        rows.append([f"{label}, all {len(timed)} iterations", f"{a:.4f}", f"{b:.4f}", f"**{b / a:.4f}x**"])
+    return markdown_table(["s / iteration", f"{what} off", f"{what} on", "on / off"], rows, right=(1, 2, 3))
+
+
 def write_json(path: str, data) -> None:
     """Write ``data`` as JSON (atomically) when ``path`` is set."""
     if path:

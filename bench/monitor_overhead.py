@@ -99,14 +99,7 @@ def report(args, period, runs, hook_cpu):
           f"{cfg.SOLVER.IMS_PER_BATCH}, MONITOR.PERIOD {period}: {args.periods} periods ({len(timed)} iterations) "
           f"per variant, interleaved iteration by iteration")
     print()
-    rows = []
-    for kind, label in (("wall", "wall clock"), ("cpu", "CPU (rank 0)")):
-        per_period = {n: harness.means([getattr(r, kind)[j] for j in timed], period) for n, r in runs.items()}
-        a, b = med(per_period["off"]), med(per_period["on"])
-        rows.append([f"{label}, median of the periods", f"{a:.4f}", f"{b:.4f}", f"{b / a:.4f}x"])
-        a, b = (sum(getattr(r, kind)[j] for j in timed) / len(timed) for r in (off, on))
-        rows.append([f"{label}, all {len(timed)} iterations", f"{a:.4f}", f"{b:.4f}", f"**{b / a:.4f}x**"])
-    print(harness.markdown_table(["s / iteration", "monitor off", "monitor on", "on / off"], rows, right=(1, 2, 3)))
+    print(harness.on_off_table(runs, timed, period, "monitor"))
     # the monitor's own cost, measured inside the "on" trainer (CPU time)
     records = [j for j in timed if j % period == 0]
     others = [on.cpu[j] for j in timed if j % period != 0]

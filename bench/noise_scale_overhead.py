@@ -65,20 +65,12 @@ def report(args, period, runs, spent):
     med = harness.median
     cfg = runs["on"].trainer.cfg
     timed = range(period, period * (args.periods + 1))
-    on, off = runs["on"], runs["off"]
+    off = runs["off"]
     print(f"Noise-scale overhead: {harness.config_name(args.config_file)}, {cfg.SOLVER.OPTIMIZER}, "
           f"{args.num_workers} CPU worker(s) x {torch.get_num_threads()} thread(s), total batch "
           f"{cfg.SOLVER.IMS_PER_BATCH}, MONITOR.PERIOD {period}: {args.periods} periods ({len(timed)} iterations) "
           "per variant, interleaved iteration by iteration\n")
-    rows = []
-    for kind, label in (("wall", "wall clock"), ("cpu", "CPU (rank 0)")):
-        per_period = {n: harness.means([getattr(r, kind)[j] for j in timed], period) for n, r in runs.items()}
-        a, b = med(per_period["off"]), med(per_period["on"])
-        rows.append([f"{label}, median of the periods", f"{a:.4f}", f"{b:.4f}", f"{b / a:.4f}x"])
-        a, b = (sum(getattr(r, kind)[j] for j in timed) / len(timed) for r in (off, on))
-        rows.append([f"{label}, all {len(timed)} iterations", f"{a:.4f}", f"{b:.4f}", f"**{b / a:.4f}x**"])
-    print(harness.markdown_table(["s / iteration", "noise scale off", "noise scale on", "on / off"], rows,
-                                 right=(1, 2, 3)))
+    print(harness.on_off_table(runs, timed, period, "noise scale"))
     measured = [j for j in timed if j % period == 0]
     estimate = med(spent["estimate"][j] for j in measured)
     norms = med(spent["reduce_on"][j] for j in measured) - med(spent["reduce_off"][j] for j in measured)
