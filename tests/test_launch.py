@@ -29,6 +29,9 @@ def test_cpu_config_trains_on_two_workers_where_torch_reports_a_gpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "World size: 2" in log and "copypaste: AP,AP50" in log
+    # the run's last word on scaling: iteration 0 measured the gradient noise scale
+    assert "Gradient noise scale (B_simple, McCandlish et al. 2018; 1 measurement): " in log
+    assert "this run's batch 4 images; per part: backbone " in log
     assert os.path.exists(tmp_path / "model_final.pth")
 
 

@@ -28,6 +28,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .optim.groups import DETECTOR_PARTS
+
 __all__ = ["WHOLE_MODEL", "NoiseScale", "critical_batch_statement", "noise_terms"]
 
 #: the key of the whole-model figure beside the parts'
@@ -108,11 +110,14 @@ def critical_batch_statement(noise: NoiseScale, batch: int) -> Optional[str]:
     if WHOLE_MODEL not in noise.grad_sq:
         return None
     whole = noise.value(WHOLE_MODEL)
-    parts = ", ".join(f"{part} {_images(noise.value(part))}" for part in noise.parts if part != WHOLE_MODEL)
+    known = [p for p in DETECTOR_PARTS if p in noise.parts]
+    ordered = known + sorted(p for p in noise.parts if p not in known and p != WHOLE_MODEL)
+    parts = ", ".join(f"{part} {_images(noise.value(part))}" for part in ordered)
     head = (f"critical batch ~{_images(whole)} at the end" if whole is not None else
             "critical batch not estimated: the averaged |G|^2 is not positive (gradient signal below its noise)")
-    return (f"Gradient noise scale (B_simple, McCandlish et al. 2018; {noise.count} measurements): {head}; this run's "
-            f"batch {batch} images; per part: {parts}")
+    measurements = f"{noise.count} measurement{'' if noise.count == 1 else 's'}"
+    return (f"Gradient noise scale (B_simple, McCandlish et al. 2018; {measurements}): {head}; this run's batch "
+            f"{batch} images; per part: {parts}")
 
 
 def _images(value: Optional[float]) -> str:
