@@ -52,6 +52,18 @@ def test_the_workers_of_a_lost_machine_are_named_together():
     assert verdicts[0].startswith("rank 2 (machine 1), rank 3 (machine 1) stopped responding"), verdicts
 
 
+def test_a_lost_machines_workers_are_named_together_when_their_last_beats_differ():
+    """A busy machine's beats slip: rank 3's last beat came 0.6 s after rank 2's (of a 2 s timeout); when rank 2 is
+    past the timeout, rank 3, silent for over half of it, is named with it."""
+    _, beats, verdicts = _workers(4, workers_per_machine=2)
+    time.sleep(3 * INTERVAL)
+    beats[2]._stop.set()
+    time.sleep(0.6)
+    beats[3]._stop.set()
+    assert _wait(lambda: 0 in verdicts, 10 * TIMEOUT), verdicts
+    assert verdicts[0].startswith("rank 2 (machine 1), rank 3 (machine 1) stopped responding"), verdicts
+
+
 def test_a_failed_worker_stops_the_others_at_once():
     _, beats, verdicts = _workers(3)
     beats[1].finish("RuntimeError: out of memory")

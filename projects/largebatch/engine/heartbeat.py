@@ -133,16 +133,19 @@ class Heartbeat:
     def _watch(self, values, last_values, last_change) -> Optional[str]:
         """Rank 0: the verdict on the counters (None: every worker alive or done)."""
         now = time.monotonic()
-        silent = []
+        quiet = {}  # rank -> seconds since its counter last moved
         for rank, value in enumerate(v.decode() for v in values):
             if value.startswith("failed: "):
                 return f"{self.who(rank)} {value}: stopping every worker"
             if value != last_values.get(rank) or value == "done":
                 last_values[rank], last_change[rank] = value, now
-            elif now - last_change[rank] > self.timeout:
-                silent.append(rank)  # a lost machine: all of its workers at once
-        if not silent:
+            else:
+                quiet[rank] = now - last_change[rank]
+        if not any(q > self.timeout for q in quiet.values()):
             return None
+        # a lost machine: all of its workers at once, also those whose last beat came a little later (a busy
+        # machine's beats slip; a live worker's counter moves every interval, so half the timeout is no live one)
+        silent = sorted(rank for rank, q in quiet.items() if q > self.timeout / 2)
         return (f"{', '.join(self.who(r) for r in silent)} stopped responding: no heartbeat for {self.timeout:g} s "
                 "(killed, its machine lost, or stuck; --heartbeat-timeout): stopping every worker")
 
