@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -40,24 +41,34 @@ from largebatch.analysis.plots import pyplot, save
 from largebatch.analysis.scaling import fit_tradeoff, predicted_steps, smoothing_window, steps_to_target, window_mean
 from largebatch.files import atomic_write
 
+DIVERGED = re.compile(r"Training diverged at iteration (\d+)")
 CONFIG = "configs/shapes/sgd.yaml"
-REFERENCE_BATCH, REFERENCE_LR, WARMUP_IMAGES = 16, 0.02, 800
+REFERENCE_BATCH, REFERENCE_LR, WARMUP_IMAGES, MIN_WARMUP_ITERS = 16, 0.02, 800, 20
+#: the linear rule's LR, then these fractions of it, until a run does not diverge (McCandlish compare each batch at
+#: a learning rate that works for it)
+LR_FACTORS = (1.0, 0.5, 0.25)
 # the study's input size (configs/shapes/study/Base-Study.yaml): 64 px, anchors halved with it
 COMMON = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
           "INPUT.MAX_SIZE_TEST", "64", "MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]",
-          "SOLVER.BASE_LR", str(REFERENCE_LR), "SOLVER.LR_SCALING.RULE", "linear",
+          "SOLVER.LR_SCALING.RULE", "linear",
           "SOLVER.LR_SCALING.REFERENCE_BATCH", str(REFERENCE_BATCH), "SOLVER.STEPS", "()",
           "SOLVER.WARMUP_METHOD", "linear", "SOLVER.CHECKPOINT_PERIOD", "100000000", "DATASETS.TEST", "()",
           "TEST.EVAL_PERIOD", "0", "MONITOR.PERIOD", "1", "MONITOR.PER_LAYER", "True"]
 
 
-def run_options(batch: int, workers: int, max_per_worker: int, max_iter: int) -> List[str]:
+def run_options(batch: int, workers: int, max_per_worker: int, max_iter: int, lr_factor: float) -> List[str]:
     per_worker = batch // workers
     accumulate = max(1, math.ceil(per_worker / max_per_worker))
     if per_worker % accumulate or batch % workers:
         raise SystemExit(f"batch {batch}: not {workers} workers x whole micro-batches of <= {max_per_worker} images")
     return [*COMMON, "SOLVER.IMS_PER_BATCH", str(batch // accumulate), "SOLVER.ACCUMULATE_STEPS", str(accumulate),
-            "SOLVER.WARMUP_ITERS", str(max(1, round(WARMUP_IMAGES / batch))), "SOLVER.MAX_ITER", str(max_iter)]
+            "SOLVER.BASE_LR", f"{REFERENCE_LR * lr_factor:g}", "SOLVER.WARMUP_ITERS", str(warmup_iters(batch)),
+            "SOLVER.MAX_ITER", str(max_iter)]
+
+
+def warmup_iters(batch: int) -> int:
+    """The linear warm-up: over WARMUP_IMAGES images, and at least MIN_WARMUP_ITERS steps."""
+    return max(MIN_WARMUP_ITERS, round(WARMUP_IMAGES / batch))
 
 
 def losses_and_noise(out: str):
@@ -71,20 +82,40 @@ def losses_and_noise(out: str):
 
 
 def measure(batch: int, max_iter: int, target: Optional[float], window: int, out_root: str, args) -> dict:
-    out = os.path.join(out_root, f"b{batch}")
+    """One batch: the linear rule's LR, backed off by LR_FACTORS while the run diverges (the explosion guard or a
+    non-finite loss stops it). A run already in OUTPUT with the same options is reused."""
+    diverged = []
+    for factor in LR_FACTORS:
+        out = os.path.join(out_root, f"b{batch}" + ("" if factor == 1 else f"_lr{factor:g}"))
+        opts = run_options(batch, args.num_workers, args.max_per_worker, max_iter, factor)
+        cached = os.path.join(out, "result.json")
+        if os.path.isfile(cached):
+            with open(cached) as f:
+                run = json.load(f)
+            if run.get("opts") == opts and run.get("target") == target:
+                print(f"[critical_batch] batch {batch}: reusing {out}", flush=True)
+                return with_target(run, target)
 
-    def reached() -> bool:
-        return target is not None and steps_to_target(losses_and_noise(out)[0], target, window) is not None
+        def reached() -> bool:
+            return target is not None and steps_to_target(losses_and_noise(out)[0], target, window) is not None
 
-    t0 = time.perf_counter()
-    rc, log = train_net(out, CONFIG, run_options(batch, args.num_workers, args.max_per_worker, max_iter),
-                        args.num_workers, args.python, stop_when=reached, poll_s=1.0)
-    if rc not in (0, 75):  # 75: stopped by SIGTERM once the target was reached
-        raise SystemExit(f"[critical_batch] batch {batch}: train_net.py exited with {rc}; see {out}/train.log")
-    losses, noise = losses_and_noise(out)
-    run = {"batch": batch, "max_iter": max_iter, "window": window, "iterations": len(losses), "losses": losses,
-           "noise": noise, "wall_s": round(time.perf_counter() - t0, 1)}
-    return with_target(run, target)
+        t0 = time.perf_counter()
+        rc, log = train_net(out, CONFIG, opts, args.num_workers, args.python, stop_when=reached, poll_s=1.0)
+        if rc not in (0, 75):  # 75: stopped by SIGTERM once the target was reached
+            found = DIVERGED.search(log)
+            if not found:
+                raise SystemExit(f"[critical_batch] batch {batch}: train_net.py exited with {rc}; see {out}/train.log")
+            diverged.append({"lr": REFERENCE_LR * factor * batch / REFERENCE_BATCH, "at": int(found.group(1))})
+            print(f"[critical_batch] batch {batch}: LR x{factor:g} diverged at iteration {found.group(1)}", flush=True)
+            continue
+        losses, noise = losses_and_noise(out)
+        run = {"batch": batch, "max_iter": max_iter, "window": window, "iterations": len(losses), "losses": losses,
+               "noise": noise, "wall_s": round(time.perf_counter() - t0, 1), "opts": opts, "target": target,
+               "lr": REFERENCE_LR * factor * batch / REFERENCE_BATCH, "diverged": diverged}
+        atomic_write(cached, lambda f: json.dump(run, f))
+        return with_target(run, target)
+    return {"batch": batch, "max_iter": max_iter, "window": window, "iterations": 0, "losses": [], "noise": [],
+            "wall_s": 0.0, "lr": None, "diverged": diverged, "steps": None, "images": None, "noise_at_target": None}
 
 
 def with_target(run: dict, target: Optional[float]) -> dict:
@@ -103,19 +134,23 @@ def report(data: dict, command: str) -> str:
     runs = sorted(data["runs"], key=lambda r: r["batch"])
     reached = [r for r in runs if r["steps"] is not None]
     lines = ["# The critical batch of the shapes detector: measured, and predicted online", "", f"`{command}`", "",
-             f"`{CONFIG}` at 64 px, SGD at 0.02 x B / 16 (MegDet's linear rule), linear warm-up over "
-             f"{WARMUP_IMAGES} images, then constant; {data['num_workers']} CPU workers, plain BN per worker. Target: "
-             f"the training loss of batch {REFERENCE_BATCH} after {data['reference_iters']} iterations, "
+             f"`{CONFIG}` at 64 px, SGD at 0.02 x B / 16 (MegDet's linear rule; x0.5, x0.25 where a run diverged), "
+             f"linear warm-up over {WARMUP_IMAGES} images (at least {MIN_WARMUP_ITERS} steps), then constant; "
+             f"{data['num_workers']} CPU workers, plain BN per worker. Target: the training loss of batch "
+             f"{REFERENCE_BATCH} after {data['reference_iters']} iterations, "
              f"{data['target']:.4f} (mean over a window of about {data['window_images']} images at every batch).",
              ""]
     rows = []
     for r in runs:
-        rows.append([r["batch"], r["window"], r["iterations"],
+        tried = "; ".join(f"{d['lr']:.3g} diverged at {d['at']}" for d in r.get("diverged", []))
+        lr = f"{r['lr']:.3g}" if r.get("lr") is not None else "-"
+        rows.append([r["batch"], lr + (f" ({tried})" if tried else ""), r["window"], r["iterations"],
                      f"{r['steps']:.1f}" if r["steps"] is not None else f"not reached in {r['max_iter']}",
                      f"{r['images']:.0f}" if r["images"] is not None else "-",
                      f"{r['noise_at_target']:.3g}" if r["noise_at_target"] is not None else "-"])
-    lines += [markdown_table(["batch B", "window (iterations)", "iterations run", "steps S to the target",
-                              "images E = B S", "online B_noise there (images)"], rows, right=range(0, 6)), ""]
+    lines += [markdown_table(["batch B", "LR (linear rule, backed off where it diverged)", "window (iterations)",
+                              "iterations run", "steps S to the target", "images E = B S",
+                              "online B_noise there (images)"], rows, right=(0, 2, 3, 4, 5, 6)), ""]
     fit = data.get("fit")
     if fit:
         noises = [r["noise_at_target"] for r in reached if r["noise_at_target"] is not None]
