@@ -18,8 +18,10 @@ accumulation. MONITOR.PERIOD 1: the monitor records the total loss and measures 
 2. Every batch trains until its windowed loss reaches the target (then SIGTERM: it checkpoints and stops), or a
    budget of 1.5x the reference's steps x max(1, 16 / B); the step counted is the centre of the first window at or
    below the target (``largebatch.analysis.scaling.steps_to_target``).
-3. ``fit_tradeoff``: S = S_min + E_min / B by least squares (McCandlish eq. 2.11), B_crit = E_min / S_min; beside
-   it the online B_noise (``noise_scale/all``, averaged) of each run where it reached the target.
+3. ``fit_tradeoff``: S = S_min + E_min / B by least squares (McCandlish eq. 2.11), B_crit = E_min / S_min, over
+   the batches that trained at the linear rule's LR (a batch whose LR had to be backed off, x0.5 then x0.25, because
+   the run diverged, is shown but not fitted: the trade-off assumes each batch at a good LR); beside it the online
+   B_noise (``noise_scale/all``, averaged) of each run where it reached the target.
 
 Writes OUTPUT/critical_batch.md, .json and .png (steps against batch with the fitted curve; the online noise
 scale against images seen), OUTPUT defaulting to output/critical_batch. Each run's OUTPUT_DIR is OUTPUT/b<B>.
@@ -132,7 +134,7 @@ def with_target(run: dict, target: Optional[float]) -> dict:
 
 def report(data: dict, command: str) -> str:
     runs = sorted(data["runs"], key=lambda r: r["batch"])
-    reached = [r for r in runs if r["steps"] is not None]
+    reached = [r for r in runs if r["steps"] is not None and not r.get("diverged")]
     lines = ["# The critical batch of the shapes detector: measured, and predicted online", "", f"`{command}`", "",
              f"`{CONFIG}` at 64 px, SGD at 0.02 x B / 16 (MegDet's linear rule; x0.5, x0.25 where a run diverged), "
              f"linear warm-up over {WARMUP_IMAGES} images (at least {MIN_WARMUP_ITERS} steps), then constant; "
@@ -154,7 +156,8 @@ def report(data: dict, command: str) -> str:
     fit = data.get("fit")
     if fit:
         noises = [r["noise_at_target"] for r in reached if r["noise_at_target"] is not None]
-        lines += [f"Fit of S = S_min + E_min / B (McCandlish eq. 2.11) over {len(reached)} batches: S_min "
+        lines += [f"Fit of S = S_min + E_min / B (McCandlish eq. 2.11) over the {len(reached)} batches trained at the "
+                  f"linear rule's LR ({', '.join(str(r['batch']) for r in reached)}): S_min "
                   f"{fit['s_min']:.1f} steps, E_min {fit['e_min']:.0f} images, **measured B_crit = E_min / S_min = "
                   f"{fit['b_crit']:.1f} images**; the online noise scale B_noise at the target: "
                   + (f"{min(noises):.3g} to {max(noises):.3g} images (median {sorted(noises)[len(noises) // 2]:.3g})"
@@ -169,8 +172,13 @@ def plot(data: dict, path: str) -> str:
     plt = pyplot()
     runs = sorted(data["runs"], key=lambda r: r["batch"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    reached = [r for r in runs if r["steps"] is not None]
-    left.plot([r["batch"] for r in reached], [r["steps"] for r in reached], "o", color="C0", label="measured")
+    linear = [r for r in runs if r["steps"] is not None and not r.get("diverged")]
+    backed_off = [r for r in runs if r["steps"] is not None and r.get("diverged")]
+    left.plot([r["batch"] for r in linear], [r["steps"] for r in linear], "o", color="C0",
+              label="measured, linear-rule LR (fitted)")
+    if backed_off:
+        left.plot([r["batch"] for r in backed_off], [r["steps"] for r in backed_off], "s", mfc="none", color="C3",
+                  label="measured, LR backed off (it diverged)")
     fit = data.get("fit")
     if fit:
         bs = [2 ** (k / 4) for k in range(int(4 * math.log2(min(r["batch"] for r in runs))) - 4,
@@ -236,7 +244,9 @@ def main(argv=None) -> int:
             runs.append(measure(b, budget, target, smoothing_window(b, args.window_images), out_root, args))
         data = {"runs": runs, "target": target, "reference_iters": args.reference_iters,
                 "window_images": args.window_images, "num_workers": args.num_workers}
-    reached = [r for r in data["runs"] if r["steps"] is not None]
+    # the fit: the runs at the linear rule's LR (a backed-off LR is not the batch's best one, which McCandlish's
+    # trade-off assumes: those runs are shown, not fitted)
+    reached = [r for r in data["runs"] if r["steps"] is not None and not r.get("diverged")]
     try:
         s_min, e_min, b_crit = fit_tradeoff([r["batch"] for r in reached], [r["steps"] for r in reached])
         data["fit"] = {"s_min": s_min, "e_min": e_min, "b_crit": b_crit}
