@@ -14,8 +14,8 @@ iteration at a time (on, off, off, on, ...) for one untimed warm-up period and -
 Printed as markdown: seconds per iteration of each (wall clock and CPU of rank 0; median of the periods and all
 iterations) with the ratio on / off, and the noise scale's own cost, timed inside the "on" trainer around the
 stepper's ``measure_noise_scale`` plus the difference of the half-group reduce with and without the squared norms
-(``reducer.reduce``, timed in both), from which the predicted ratio 1 + own cost / PERIOD / iteration. Target:
-<= 1.01x at the default period.
+(``reducer.reduce``, timed in both; several workers only), from which the predicted ratio 1 + own cost / PERIOD /
+iteration. Target: <= 1.01x at the default period.
 """
 import argparse
 import time
@@ -44,10 +44,8 @@ def worker(args, out_root):
     timers = {name: harness.CallTimer(time.process_time) for name in ("estimate", "reduce_on", "reduce_off")}
     timers["estimate"].wrap(runs["on"].stepper, "measure_noise_scale")
     for name in ("on", "off"):
-        if runs[name].stepper.reducer is not None:
+        if runs[name].stepper.reducer is not None:  # one worker: its half-batches' norms are in the A/B ratio only
             timers[f"reduce_{name}"].wrap(runs[name].stepper.reducer, "reduce")
-        else:  # one worker: the two half-batches, with or without their squared norms
-            timers[f"reduce_{name}"].wrap(runs[name].stepper, "_split_batch_halves")
     period = runs["on"].trainer.cfg.MONITOR.PERIOD
     spent = {name: {} for name in timers}
     for i in range(period * (args.periods + 1)):  # the first period is a warm-up

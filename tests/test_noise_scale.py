@@ -111,9 +111,9 @@ def _noise_worker(rank, world_size, out, accumulate, optimizer="SGD"):
     else:
         split = stepper._split_batch_halves
 
-        def capturing_split(batches, loss_dicts):
+        def capturing_split(batches, loss_dicts, *args):
             preconditioners.append(_preconditioner(stepper) if optimizer == "LAMB" else None)
-            reduced = split(batches, loss_dicts)
+            reduced = split(batches, loss_dicts, *args)
             small.append([reduced.g1.double().clone(), reduced.g2.double().clone()])
             return reduced
 

@@ -116,8 +116,9 @@ class LargeBatchStepper(SimpleTrainer):
         self.optimizer.zero_grad()
         loss_dicts: List[Dict[str, torch.Tensor]] = []
         reduced = None
+        pre = self._preconditioner() if measure else None  # Adam's, for the preconditioned noise scale
         if measure and self.reducer is None:
-            reduced = self._split_batch_halves(batches, loss_dicts)
+            reduced = self._split_batch_halves(batches, loss_dicts, pre)
             samples = [sum(len(data) // 2 for data in batches), sum(len(data) - len(data) // 2 for data in batches)]
         else:
             for i, data in enumerate(batches):
@@ -125,7 +126,7 @@ class LargeBatchStepper(SimpleTrainer):
                 loss_dicts.append(self._forward_backward(data, 1.0 / k, sync=(i == k - 1 and not measure)))
             if measure:
                 reduced = self.reducer.reduce(self.layout, local_norms=self.noise_scale is not None,
-                                              preconditioner=self._preconditioner())
+                                              preconditioner=pre)
                 samples = [sum(len(data) for data in batches)] * self.world_size  # equal shares (validated)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
@@ -143,8 +144,8 @@ class LargeBatchStepper(SimpleTrainer):
             if self.noise_scale is not None:
                 noise = self.measure_noise_scale(reduced.local_sq, reduced.mean, samples, self.noise_scale, "")
             if self.noise_scale_adam is not None:
-                noise_adam = self.measure_noise_scale(reduced.local_sq_pre, reduced.mean * self._preconditioner(),
-                                                      samples, self.noise_scale_adam, "_adam")
+                noise_adam = self.measure_noise_scale(reduced.local_sq_pre, reduced.mean * pre, samples,
+                                                      self.noise_scale_adam, "_adam")
         self.measurement = GradientMeasurement(self.iter, norms, grads_finite, phi, explosion_check, noise,
                                                noise_adam)
         self._write_metrics(loss_dict, data_time)
@@ -160,7 +161,7 @@ class LargeBatchStepper(SimpleTrainer):
         else:
             self.optimizer.step()
 
-    def _split_batch_halves(self, batches, loss_dicts):
+    def _split_batch_halves(self, batches, loss_dicts, preconditioner=None):
         """One worker: G1 / G2 from the two halves of every micro-batch (two backward passes); the step then
         uses their mean, i.e. what two workers holding one half each would all-reduce."""
         if any(len(data) < 2 for data in batches):
@@ -178,10 +179,9 @@ class LargeBatchStepper(SimpleTrainer):
         local_sq = local_sq_pre = None
         if self.noise_scale is not None:
             local_sq = (self.layout.part_sq_norms(g1).double() + self.layout.part_sq_norms(g2).double()) / 2
-        pre = self._preconditioner()
-        if pre is not None:
-            local_sq_pre = (self.layout.part_sq_norms(g1 * pre).double() +
-                            self.layout.part_sq_norms(g2 * pre).double()) / 2
+        if preconditioner is not None:
+            local_sq_pre = (self.layout.part_sq_norms(g1 * preconditioner).double() +
+                            self.layout.part_sq_norms(g2 * preconditioner).double()) / 2
         return ReducedGradients(g1, g2, local_sq, mean, local_sq_pre)
 
     def _preconditioner(self) -> Optional[torch.Tensor]:
