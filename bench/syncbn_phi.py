@@ -110,12 +110,14 @@ def noise_table(label: str, sync: dict, per_worker: dict) -> List[str]:
         mean = [sum(x[k] for x, _ in pairs) / len(pairs) for k in (0, 1)]
         ref = [sum(y[k] for _, y in pairs) / len(pairs) for k in (0, 1)]
         ratio = sum(x[1] / y[1] for x, y in pairs if y[1]) / max(1, sum(1 for _, y in pairs if y[1]))
-
-        def scale(g, t):
-            return f"{t / g:.3g}" if g > 0 else "n/a"
         lines.append(f"| {p} | {mean[1]:.4g} / {ref[1]:.4g} | {ratio:.3f} | {mean[0]:.4g} / {ref[0]:.4g} "
-                     f"| {scale(*mean)} / {scale(*ref)} |")
+                     f"| {_b_simple(*mean)} / {_b_simple(*ref)} |")
     return lines + [""]
+
+
+def _b_simple(grad_sq: float, trace: float) -> str:
+    """tr(Sigma) / |G|^2 in images, or n/a where |G|^2 is not positive."""
+    return f"{trace / grad_sq:.3g}" if grad_sq > 0 else "n/a"
 
 
 def main(argv=None) -> int:
