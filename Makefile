@@ -14,7 +14,7 @@ D2MAIN_VENV := .venv-d2main
 D2MAIN_SRC ?= ../shared/detectron2-main
 D2MAIN_STAMP := $(D2MAIN_VENV)/.setup-done
 
-.PHONY: setup demo test test-fast test-d2main lint bench study scaling clean gpu-check
+.PHONY: setup demo test test-fast test-d2main lint bench study study-sweep scaling clean gpu-check
 setup: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP),setup-external)
 
 $(STAMP): tools/setup_env.sh setup.py
@@ -60,6 +60,13 @@ bench: setup
 study: setup
 	$(PYTHON) bench/large_batch_study.py
 	$(PYTHON) bench/syncbn_phi.py
+
+# every recipe at the measured critical batch (48) and 4x above (192), each at LR x0.5 / x1 / x2 of its rule, against
+# the batch-4 baseline at the same multipliers (~70 min); then SyncBN's bias of the noise scale at its weights
+SWEEP_DIR ?= output/study_sweep
+study-sweep: setup
+	$(PYTHON) bench/study_sweep.py --output $(SWEEP_DIR)
+	$(PYTHON) bench/syncbn_phi.py --study $(SWEEP_DIR) --trained $(SWEEP_DIR)/sgd_linear_b48_x1/model_final.pth
 
 gpu-check: setup
 	bash tools/gpu_check.sh $(GPU_CHECK_DIR)

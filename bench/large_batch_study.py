@@ -135,14 +135,15 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_arm(arm: str, arm_dir: str, opts: List[str], num_workers: int, python: str) -> dict:
-    """Train (and evaluate) one arm in a subprocess; record wall time, CPU time of all its processes, the mean
-    1-minute load average of the machine meanwhile, the exit status and whether it diverged."""
+def run_arm(arm: str, arm_dir: str, opts: List[str], num_workers: int, python: str, config: str = "") -> dict:
+    """Train (and evaluate) one arm (its config: ``config``, else the arm's own) in a subprocess; record wall
+    time, CPU time of all its processes, the mean 1-minute load average of the machine meanwhile, the exit status
+    and whether it diverged."""
     if os.path.isdir(arm_dir):
         shutil.rmtree(arm_dir)  # a stale metrics.json would be appended to
     os.makedirs(arm_dir)
     cmd = [python, "train_net.py", "--num-gpus", str(num_workers), "--dist-url", "auto",
-           "--config-file", config_file(arm), "OUTPUT_DIR", arm_dir, *opts]
+           "--config-file", config or config_file(arm), "OUTPUT_DIR", arm_dir, *opts]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the launcher sets torch's threads per worker; keep OpenMP in line
     loads: List[float] = []

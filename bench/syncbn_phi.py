@@ -12,6 +12,7 @@ BN scale / shift parameters into a part of their own ("other") to show which par
 
     python bench/syncbn_phi.py                      # after (or during) bench/large_batch_study.py
     python bench/syncbn_phi.py --iters 8 --study output/study_quick
+    python bench/syncbn_phi.py --study output/study_sweep --trained output/study_sweep/sgd_linear_b48_x1/model_final.pth
 
 Writes ``OUTPUT/syncbn_phi.md`` (the tables) and ``OUTPUT/syncbn_phi.json`` (every record), OUTPUT defaulting to
 ``<study>/syncbn_phi``.
@@ -123,17 +124,22 @@ def _b_simple(grad_sq: float, trace: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="output/study", help="the study's output (its study.json names data, weights)")
+    p.add_argument("--study", default="output/study",
+                   help="the study's output: its study.json (or bench/study_sweep.py's sweep.json) names data, weights")
+    p.add_argument("--trained", default=None,
+                   help="trained weights to measure at too (default <study>/sgd_b64_linear/model_final.pth if there)")
     p.add_argument("--output", default=None, help="default: <study>/syncbn_phi")
     p.add_argument("--iters", type=int, default=16, help="measured iterations per run (default 16)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
     study = os.path.abspath(args.study)
-    saved = read_json(os.path.join(study, "study.json"))
+    saved = read_json(os.path.join(study, "study.json")) or read_json(os.path.join(study, "sweep.json"))
     if not saved or "inputs" not in saved:
         p.error(f"{study}/study.json not found: run bench/large_batch_study.py first (it writes the data and the "
                 "pre-trained backbone)")
+    if args.trained and not os.path.isfile(args.trained):
+        p.error(f"--trained {args.trained}: no such file")
     opts = list(saved["inputs"]["opts"])
     if "MODEL.WEIGHTS" not in opts:
         p.error("the study ran --from-scratch: this measures at the pre-trained starting point")
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     out_root = os.path.abspath(args.output or os.path.join(study, "syncbn_phi"))
     os.makedirs(out_root, exist_ok=True)
     weights = {"start": start_weights}
-    trained = os.path.join(study, "sgd_b64_linear", "model_final.pth")
+    trained = os.path.abspath(args.trained or os.path.join(study, "sgd_b64_linear", "model_final.pth"))
     if os.path.isfile(trained):
         weights["trained"] = trained
     runs: Dict[str, dict] = {}

@@ -183,3 +183,74 @@ def test_evaluations_missing_from_metrics_json_are_read_from_the_log():
     evals = study.merge_evals(metrics, log, study.eval_iterations(info))
     assert [it for it, *_ in evals] == [15, 31, 47, 63, 79, 96]
     assert evals[3] == (63, 4.0, 8.0) and evals[4] == (79, 5.00001, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep at the critical batch (bench/study_sweep.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _sweep_info(arm, recipe, **overrides):
+    from largebatch.config import load_config
+
+    cfg = load_config(_config(recipe), study.arm_overrides(epochs=3), 2)
+    steps = overrides.pop("steps")
+    batch, mult = overrides.pop("batch"), overrides.pop("mult")
+    opts = study.arm_overrides(epochs=3) + study.sweep_overrides(cfg, batch, mult, steps)
+    return opts, study.resolve_arm(arm, _config(recipe), opts, 2)
+
+
+def test_sweep_moves_each_recipe_by_its_own_rule():
+    assert study.sweep_run_name("lamb_b64", 48, 0.5) == "lamb_b48_x0.5"
+    assert study.sweep_run_name("sgd_b64_linear", 192, 2.0) == "sgd_linear_b192_x2"
+    assert study.sweep_run_name("sgd_b4", 4, 1.0) == "sgd_b4_x1"
+    # MegDet's linear rule at 192 x0.5, its warm-up from the batch-16 LR; ~20 monitor records
+    opts, info = _sweep_info("a", "sgd_b64_linear", batch=192, mult=0.5, steps=24)
+    assert info["total_batch"] == 192 and info["lr"] == pytest.approx(0.02 * 192 / 16 * 0.5)
+    assert opts[opts.index("SOLVER.WARMUP_FACTOR") + 1] == repr(16 / 192)
+    assert opts[opts.index("MONITOR.PERIOD") + 1] == "1"
+    # AGVM's linear-then-sqrt above 128; no warm-up factor of its own (it warms up from 0.001x)
+    opts, info = _sweep_info("a", "agvm_sgd_b64", batch=192, mult=1.0, steps=24)
+    assert info["lr"] == pytest.approx(0.02 * 128 / 16 * (192 / 128) ** 0.5) and "SOLVER.WARMUP_FACTOR" not in opts
+    # LARS: no scaling rule, the multiplier alone
+    _, info = _sweep_info("a", "lars_b64", batch=48, mult=2.0, steps=96)
+    assert info["total_batch"] == 48 and info["lr"] == pytest.approx(0.0016)
+    # PMD-LAMB: T stays 10% of the run
+    opts, info = _sweep_info("a", "pmdlamb_b64", batch=48, mult=1.0, steps=96)
+    assert info["optimizer"] == "PMDLAMB (alpha 0.012, T 10)" and info["lr"] == pytest.approx(0.02 * 3)
+    assert opts[opts.index("MONITOR.PERIOD") + 1] == "5"
+
+
+def test_sweep_table_compares_each_recipes_best_with_the_baselines_best():
+    def row(recipe, batch, mult, ap, diverged=False):
+        return {"recipe": recipe, "total_batch": batch, "multiplier": mult, "ap": ap, "diverged": diverged}
+
+    baseline = [row("sgd_b4", 4, 0.5, 30.0), row("sgd_b4", 4, 1.0, 32.0), row("sgd_b4", 4, 2.0, 31.0)]
+    best = study.best_run(baseline)
+    assert best["multiplier"] == 1.0
+    rows = [row("lars_b64", 48, 0.5, 30.5), row("lars_b64", 48, 1.0, 31.5), row("lars_b64", 48, 2.0, 29.0),
+            row("lars_b64", 192, 0.5, 12.0), row("lars_b64", 192, 1.0, 0.0, diverged=True),
+            row("lars_b64", 192, 2.0, None)]
+    text = study.sweep_table(rows, best, [48, 192], [0.5, 1.0, 2.0])
+    line = next(x for x in text.splitlines() if x.startswith("| lars_b64 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:7] == ["30.50", "**31.50**", "29.00", "**12.00**", "0.00 (diverged)", "-"], line
+    assert cells[7] == "keeps (-0.50 AP, x1)" and cells[8] == "loses (-20.00 AP, x0.5)", line
+
+
+@pytest.mark.slow
+def test_quick_sweep_runs_the_baseline_and_a_recipe_at_the_same_multipliers(tmp_path):
+    out, data = str(tmp_path / "sweep"), str(tmp_path / "data")
+    result = run_python("bench/study_sweep.py", "--quick", "--recipes", "lars_b64", "--batches", "8",
+                        "--lr-multipliers", "2", "--output", out, "--data-root", data, "--from-scratch",
+                        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))) == ["lars_b8_x2", "sgd_b4_x2"]
+    with open(os.path.join(out, "sweep.md")) as f:
+        md = f.read()
+    assert "| recipe | B 8 x2 | best at B 8 against the baseline |" in md, md
+    line = next(x for x in md.splitlines() if x.startswith("| lars_b64 |"))
+    assert "AP, x2)" in line and ("keeps" in line or "loses" in line), line
+    for run, lr in (("sgd_b4_x2", "| 0.01 |"), ("lars_b8_x2", "| 0.0016 |")):  # 0.005 x2, 0.0008 x2
+        line = next(x for x in md.splitlines() if x.startswith(f"| {run} |"))
+        assert lr in line and line.endswith("| no |"), line
+    with open(os.path.join(out, "sweep.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC

@@ -371,3 +371,36 @@ def plot_grad_variance(runs: List[dict], path: str) -> str:
     fig.suptitle("Gradient variance per detector part (monitor only, no AGVM, SyncBN)", fontsize=11)
     fig.tight_layout()
     return save(fig, path)
+
+
+def plot_sweep(rows: List[dict], baseline: List[dict], batches, path: str) -> str:
+    """The sweep at the critical batch: AP against the LR multiplier, one panel per batch, one line per recipe
+    (rows of ``summarize_arm`` with ``recipe`` and ``multiplier``; a diverged run at AP 0 with a cross), the
+    small-batch baseline's best as a dashed line."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.2), dpi=110, sharey=True, squeeze=False)
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    palette = plt.get_cmap("tab10").colors
+    scored = [r for r in baseline if r.get("ap") is not None]
+    best = max(scored, key=lambda r: r["ap"]) if scored else None
+    for ax, batch in zip(axes[0], batches):
+        for i, recipe in enumerate(recipes):
+            pts = sorted((r["multiplier"], r["ap"], r["diverged"]) for r in rows
+                         if r["recipe"] == recipe and r["total_batch"] == batch and r.get("ap") is not None)
+            if not pts:
+                continue
+            color = palette[i % len(palette)]
+            ax.plot([m for m, _, _ in pts], [a for _, a, _ in pts], marker="o", color=color, label=recipe)
+            for m, a, diverged in pts:
+                if diverged:
+                    ax.plot([m], [a], marker="x", markersize=10, color=color)
+        if best is not None:
+            ax.axhline(best["ap"], color="black", ls="--", lw=1,
+                       label=f"baseline batch {best['total_batch']} (best, x{best['multiplier']:g})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LR multiplier (of the recipe's rule)")
+        ax.set_title(f"total batch {batch}", fontsize=10)
+    axes[0][0].set_ylabel("bbox AP (val), same epochs")
+    _grid_and_legend(*axes[0])
+    fig.tight_layout()
+    return save(fig, path)

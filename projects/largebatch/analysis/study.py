@@ -13,7 +13,8 @@ from typing import List, Sequence
 
 from .metrics import read_json, read_layer_stats, read_metrics_rows, read_text
 
-__all__ = ["DIVERGED", "arm_overrides", "resolve_arm", "eval_iterations", "log_evals", "merge_evals",
+__all__ = ["DIVERGED", "arm_overrides", "resolve_arm", "eval_iterations", "log_evals", "merge_evals", "sweep_run_name",
+           "sweep_overrides", "last_value", "best_run", "sweep_table", "noise_records",
            "summarize_arm", "is_done", "table", "fmt_number", "fmt_duration", "grad_var_records", "phi_summary"]
 
 DIVERGED = re.compile(r"Training diverged|FloatingPointError")
@@ -236,4 +237,77 @@ def table(rows: List[dict]) -> str:
             f"| {fmt_number(r['guard_max'], '.1f')} | {fmt_duration(r['wall_s'])} | {fmt_duration(r['cpu_s'])} "
             f"| {fmt_number(r['load'], '.1f')} | {_divergence(r)} |"
         )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep at the critical batch (bench/study_sweep.py): every recipe at chosen batches x the same LR multipliers
+# ---------------------------------------------------------------------------------------------------------------
+def sweep_run_name(recipe: str, batch: int, multiplier: float) -> str:
+    """``lamb_b64`` at batch 48 and LR x0.5 -> ``lamb_b48_x0.5`` (the recipe's name without its batch)."""
+    stem = re.sub(r"_b\d+", "", recipe, count=1)
+    return f"{stem}_b{batch}_x{multiplier:g}"
+
+
+def sweep_overrides(cfg, batch: int, multiplier: float, steps: int, records: int = 20) -> List[str]:
+    """KEY VALUE overrides that move a recipe (its loaded config ``cfg``) to total batch ``batch`` with its
+    BASE_LR x ``multiplier`` (the recipe's own scaling rule still applies on top), for a run of ``steps``
+    optimizer steps. What the recipes tie to their run length or batch follows the recipe's own rule:
+    PMD-LAMB's T stays 10% of the run (LargeDet), MegDet's warm-up starts at the reference batch's LR
+    (WARMUP_FACTOR = REFERENCE_BATCH / batch, for a recipe that states it so), and the monitor measures about
+    ``records`` times per run."""
+    s = cfg.SOLVER
+    out = ["SOLVER.IMS_PER_BATCH", str(batch // s.ACCUMULATE_STEPS), "SOLVER.BASE_LR", repr(s.BASE_LR * multiplier),
+           "MONITOR.PERIOD", str(max(1, round(steps / records)))]
+    if s.OPTIMIZER.upper() == "PMDLAMB":
+        out += ["SOLVER.PMDLAMB.CYCLE", str(max(1, round(0.1 * steps)))]
+    reference = s.LR_SCALING.REFERENCE_BATCH
+    # the recipe starts its warm-up at the reference batch's LR (MegDet): keep that at the new batch
+    if s.LR_SCALING.RULE != "none" and math.isclose(s.WARMUP_FACTOR, reference / (s.IMS_PER_BATCH * s.ACCUMULATE_STEPS)):
+        out += ["SOLVER.WARMUP_FACTOR", repr(min(1.0, reference / batch))]
+    return out
+
+
+def last_value(arm_dir: str, key: str):
+    """The last value metrics.json holds for ``key`` (None where it has none)."""
+    values = [m[key] for m in read_metrics_rows(os.path.join(arm_dir, "metrics.json")) if key in m]
+    return values[-1] if values else None
+
+
+def best_run(runs: List[dict]):
+    """The run with the highest AP (None if none has one; a diverged run counts with AP 0)."""
+    scored = [r for r in runs if r.get("ap") is not None]
+    return max(scored, key=lambda r: r["ap"]) if scored else None
+
+
+def sweep_table(rows: List[dict], baseline_best: dict, batches: Sequence[int], multipliers: Sequence[float],
+                keep_within: float = 1.0) -> str:
+    """One line per recipe: its AP at every (batch, LR multiplier), the best of each batch's sweep in bold, and
+    that best against the baseline's best (rows of :func:`summarize_arm` with ``recipe`` and ``multiplier``):
+    "keeps" where it is at most ``keep_within`` AP below."""
+    by_recipe: dict = {}
+    for r in rows:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    cols = [(b, m) for b in batches for m in multipliers]
+    lines = ["| recipe | " + " | ".join(f"B {b} x{m:g}" for b, m in cols) + " | "
+             + " | ".join(f"best at B {b} against the baseline" for b in batches) + " |",
+             "|---|" + "---:|" * len(cols) + "---|" * len(batches)]
+    for recipe, runs in by_recipe.items():
+        cells, verdicts = [], []
+        for b in batches:
+            at_b = [r for r in runs if r["total_batch"] == b]
+            best = best_run(at_b)
+            for m in multipliers:
+                r = next((x for x in at_b if x["multiplier"] == m), None)
+                cell = "-" if r is None or r["ap"] is None else fmt_number(r["ap"])
+                if r is not None and r["diverged"]:
+                    cell += " (diverged)"
+                cells.append(f"**{cell}**" if r is not None and r is best and len(at_b) > 1 else cell)
+            if best is None or baseline_best is None:
+                verdicts.append("-")
+            else:
+                delta = best["ap"] - baseline_best["ap"]
+                verdicts.append(f"{'keeps' if delta >= -keep_within else 'loses'} ({delta:+.2f} AP, "
+                                f"x{best['multiplier']:g})")
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " | " + " | ".join(verdicts) + " |")
     return "\n".join(lines)
