@@ -61,8 +61,9 @@ study: setup
 	$(PYTHON) bench/large_batch_study.py
 	$(PYTHON) bench/syncbn_phi.py
 
-# every recipe at the measured critical batch (48) and 4x above (192), each at LR x0.5 / x1 / x2 of its rule, against
-# the batch-4 baseline at the same multipliers (~70 min); then SyncBN's bias of the noise scale at its weights
+# every recipe at batch 16 (the study detector's online B_noise), 48 (the measured B_crit) and 192 (4x above), each
+# at LR x0.5 / x1 / x2 of its rule, against the batch-4 baseline at the same multipliers (~75 min); then SyncBN's
+# bias of the noise scale at the sweep's weights (bench/syncbn_phi.py)
 SWEEP_DIR ?= output/study_sweep
 study-sweep: setup
 	$(PYTHON) bench/study_sweep.py --output $(SWEEP_DIR)

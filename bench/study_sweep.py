@@ -5,9 +5,10 @@ small-batch SGD baseline with the same multipliers, all for the same epochs.
 
 McCandlish et al. (2018): far above the critical batch B_crit, no optimizer reaches the small batch's loss in the
 same number of epochs (the steps no longer shrink with the batch). bench/critical_batch.py measured B_crit of the
-shapes detector at 48.6 images (bench/results/critical_batch.md), so the defaults are batch 48 (at B_crit) and
-192 (4x above). The sweep's own baseline runs log the online noise scale of this detector, which the report puts
-beside the chosen batches.
+shapes detector at 48.6 images (bench/results/critical_batch.md: configs/shapes/sgd.yaml, from scratch, its own
+target loss). This study's detector (pre-trained backbone, SyncBN, a 3-epoch run) logs a smaller online noise scale
+in its baseline runs (about 10-25 images at the end), so the defaults are batch 16 (at that B_noise), 48 (at the
+measured B_crit) and 192 (4x above it); the report puts the baseline's B_noise beside them.
 
 Recipes (configs/shapes/study/, their comments give each paper's rule): sgd_b64_linear (MegDet), agvm_sgd_b64,
 lars_b64 (CoolDet), lamb_b64, pmdlamb_b64 (LargeDet), agvm_adamw_b64; the baseline is sgd_b4 (batch 4). A run
@@ -15,7 +16,7 @@ moves a recipe to the sweep's batch with its own scaling rule, multiplies its BA
 what the recipe ties to the run (largebatch.analysis.study.sweep_overrides): PMD-LAMB's T at 10% of the run,
 MegDet's warm-up from the batch-16 LR, ~20 monitor records per run. Every run evaluates once, at the end.
 
-    python bench/study_sweep.py                              # the defaults (~70 min on 2 idle cores)
+    python bench/study_sweep.py                              # the defaults (~75 min on 2 cores)
     python bench/study_sweep.py --batches 48 --lr-multipliers 1
     python bench/study_sweep.py --quick                      # 3 iterations per run on 256 images
     python bench/study_sweep.py --report-only
@@ -116,8 +117,8 @@ def report(baseline: List[dict], rows: List[dict], args, command: str, inputs: d
         "",
         f"Batches: {', '.join(str(b) for b in args.batches)}, chosen from the shapes detector's measured critical "
         f"batch B_crit = {MEASURED_B_CRIT} images (bench/results/critical_batch.md: steps to a target loss against "
-        "the batch, McCandlish's fit). The online noise scale B_noise (whole model, bias-corrected EMA, at the end) "
-        "of this sweep's baseline runs: "
+        "the batch, McCandlish's fit, configs/shapes/sgd.yaml from scratch) and from this study detector's own online "
+        "noise scale B_noise (whole model, bias-corrected EMA, at the end) in this sweep's baseline runs: "
         + (", ".join(fmt_number(n, ".1f") for n in noise) + " images" if noise else "not logged") + ".",
         "",
         f"Every run, the baseline too: the recipe's BASE_LR {mults} (its own scaling rule on top; the table's "
@@ -154,7 +155,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any KEY VALUE pairs after the options are passed to every run's train_net.py.")
     p.add_argument("--output", default=None, help="directory (default output/study_sweep, --quick: ..._quick)")
-    p.add_argument("--batches", default="48,192", help="total batches of the recipes (default 48,192)")
+    p.add_argument("--batches", default="16,48,192", help="total batches of the recipes (default 16,48,192)")
     p.add_argument("--lr-multipliers", default="0.5,1,2", help="of every run's BASE_LR (default 0.5,1,2)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated (default: all: {', '.join(RECIPES)})")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
                 print(f"[sweep] {run['name']}: {info['optimizer']}, batch {info['total_batch']}, LR {info['lr']:g}, "
                       f"{info['max_iter']} iterations -> {arm_dir}", flush=True)
                 res = lbs.run_arm(run["name"], arm_dir, run["opts"], args.num_workers, args.python, run["config"])
-                state = "diverged" if res["diverged"] else "ok" if res["returncode"] == 0 else f"exit {res['returncode']}"
+                state = ("diverged" if res["diverged"] else
+                         "ok" if res["returncode"] == 0 else f"exit {res['returncode']}")
                 print(f"[sweep] {run['name']}: {state} in {fmt_duration(res['wall_s'])} (load {res['load_avg']})",
                       flush=True)
         row = summarize(run, info, arm_dir)

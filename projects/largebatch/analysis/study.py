@@ -263,7 +263,8 @@ def sweep_overrides(cfg, batch: int, multiplier: float, steps: int, records: int
         out += ["SOLVER.PMDLAMB.CYCLE", str(max(1, round(0.1 * steps)))]
     reference = s.LR_SCALING.REFERENCE_BATCH
     # the recipe starts its warm-up at the reference batch's LR (MegDet): keep that at the new batch
-    if s.LR_SCALING.RULE != "none" and math.isclose(s.WARMUP_FACTOR, reference / (s.IMS_PER_BATCH * s.ACCUMULATE_STEPS)):
+    recipe_batch = s.IMS_PER_BATCH * s.ACCUMULATE_STEPS
+    if s.LR_SCALING.RULE != "none" and math.isclose(s.WARMUP_FACTOR, reference / recipe_batch):
         out += ["SOLVER.WARMUP_FACTOR", repr(min(1.0, reference / batch))]
     return out
 
