@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message="LINEAR is deprecated", category=Depre
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 
 from largebatch import LargeBatchTrainer, launch
@@ -109,6 +110,18 @@ def build_model_on_cpu(cfg):
         raise ConfigError(f"MODEL: the detector cannot be built from this config ({describe_error(e, 200)})") from None
 
 
+def warn_frozen_bn_from_scratch(model):
+    """A model-zoo YAML's FrozenBatchNorm2d layers hold ImageNet statistics that only MODEL.WEIGHTS brings: from
+    scratch they are frozen identities, nothing normalises, and the losses blow up within a few iterations. Said
+    before the start, with the two ways out."""
+    frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    if frozen:
+        print(f"warning: MODEL.WEIGHTS is empty and the model has {frozen} FrozenBatchNorm2d layers (e.g. "
+              "MODEL.RESNETS.NORM FrozenBN): from scratch they are frozen identities and nothing normalises; make them "
+              "trainable with MODEL.SYNC_BN.ENABLED True MODEL.SYNC_BN.CONVERT_FROZEN True (or MODEL.RESNETS.NORM BN), "
+              "or give pre-trained MODEL.WEIGHTS", file=sys.stderr)
+
+
 def check_weights_file(cfg, model, path, whole=False, key="MODEL.WEIGHTS"):
     """The checkpoint at ``path`` can be read (a truncated or foreign file fails here, not in every worker after
     start-up), and fits ``model`` (``check_weights_fit``: weights of another architecture are refused; a
@@ -156,6 +169,8 @@ def cli(argv=None):
                   "starts afresh and overwrites the files of the same names; --resume continues that run instead",
                   file=sys.stderr)
         model = build_model_on_cpu(cfg)
+        if not args.eval_only and resumed is None and not cfg.MODEL.WEIGHTS:
+            warn_frozen_bn_from_scratch(model)
         if resumed is not None:  # the run's own checkpoint: all of it must fit (another config's OUTPUT_DIR?)
             check_weights_file(cfg, model, resumed, whole=True, key="--resume: the last checkpoint")
         elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:

@@ -423,7 +423,7 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
         )
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(map(str, opts))}")
-    cfg = add_largebatch_config(get_cfg())
+    cfg = LargeBatchCfgNode(add_largebatch_config(get_cfg()))  # every node of that class: yacs compares node types
     for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
                           ("command line", lambda: cfg.merge_from_list(_whole_numbers_as_floats(cfg, opts)))):
         try:
@@ -447,6 +447,38 @@ def load_config(config_file: str, opts=(), num_workers: int = 1):
     if cfg.SOLVER.BASE_LR == 0:  # allowed on purpose (README): a run that measures without changing the weights
         logger.warning("SOLVER.BASE_LR is 0: the weights will not change (BatchNorm statistics still do)")
     return cfg
+
+
+#: a ``_BASE_`` that starts with this names a file of detectron2's model zoo (``detectron2/model_zoo/configs/``)
+MODEL_ZOO_PREFIX = "model_zoo://"
+
+
+def resolve_model_zoo_base(path: str) -> str:
+    """The file a config path names: ``model_zoo://COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (also as fvcore
+    joins it to the including file's folder, ``configs/x/model_zoo://...``) is that file of the installed
+    detectron2's model zoo, through ``detectron2.model_zoo.get_config_file``; any other path is itself."""
+    if MODEL_ZOO_PREFIX not in path:
+        return path
+    from detectron2 import model_zoo
+
+    name = path.split(MODEL_ZOO_PREFIX, 1)[1]
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:  # detectron2's "... not available in Model Zoo!"
+        raise ConfigError(f"_BASE_ {MODEL_ZOO_PREFIX}{name} is not a config of detectron2's model zoo (the files "
+                          "under detectron2/model_zoo/configs/, e.g. model_zoo://COCO-Detection/"
+                          "retinanet_R_50_FPN_1x.yaml)") from None
+
+
+class LargeBatchCfgNode(CN):
+    """detectron2's CfgNode whose YAML loader resolves ``model_zoo://`` bases (``resolve_model_zoo_base``): a config
+    can start from detectron2's own model-zoo YAML and add only the largebatch keys. fvcore's loader recurses
+    through ``load_yaml_with_base``, so bases of bases are resolved too; everything else (version upgrades, the
+    model zoo's unsafe YAML for anchor sizes, merging) is detectron2's."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return super().load_yaml_with_base(resolve_model_zoo_base(filename), allow_unsafe=allow_unsafe)
 
 
 def _whole_numbers_as_floats(cfg, opts) -> list:

@@ -267,3 +267,31 @@ def describe_batch(cfg, world_size: int) -> Tuple[str, Optional[str]]:
                         f"SOLVER.IMS_PER_BATCH {ims} SOLVER.ACCUMULATE_STEPS {s.ACCUMULATE_STEPS * k}")
             break
     return info, warning
+
+
+#: a layer-wise optimizer whose step moves every layer by more than this fraction of its weight norm is warned about:
+#: the largest in the papers' recipes is LargeDet's PMD-LAMB at batch 1056 (0.02 x 1056 / 16 x alpha 0.012 = 1.6%)
+LAYERWISE_STEP_WARNING = 0.02
+
+
+def describe_step_size(cfg) -> Tuple[Optional[str], Optional[str]]:
+    """For the layer-wise optimizers (LARS, LAMB, PMD-LAMB), what SOLVER.BASE_LR means, for the start-up log:
+    (info line, warning or None); (None, None) for SGD / AdamW. Their step is a fraction of each layer's weight
+    norm (the trust ratio: LAMB's update is BASE_LR x ||w|| along a unit direction, PMD-LAMB's BASE_LR x alpha x
+    ||w||, LARS's about BASE_LR x TRUST_COEFFICIENT x ||w|| before momentum), so an LR written for SGD (a model-zoo
+    YAML's 0.01 or 0.02) means something else here; the warning says when that fraction is past the papers'."""
+    s = cfg.SOLVER
+    name = s.OPTIMIZER.upper()
+    factor = {"LAMB": 1.0, "PMDLAMB": s.PMDLAMB.SCALE, "LARS": s.LARS.TRUST_COEFFICIENT}.get(name)
+    if factor is None:
+        return None, None
+    fraction = s.BASE_LR * factor
+    how = {"LAMB": "BASE_LR", "PMDLAMB": "BASE_LR x SOLVER.PMDLAMB.SCALE",
+           "LARS": "BASE_LR x SOLVER.LARS.TRUST_COEFFICIENT (before momentum)"}[name]
+    info = (f"{name} at SOLVER.BASE_LR {s.BASE_LR:g}: each layer moves by about {fraction:.3g} of its weight norm per "
+            f"step after warm-up ({how}, the trust ratio's scale; not for biases and norm layers, whose ratio is 1)")
+    if fraction <= LAYERWISE_STEP_WARNING:
+        return info, None
+    return info, (f"{name} at SOLVER.BASE_LR {s.BASE_LR:g} moves every layer by {fraction:.1%} of its weight norm "
+                  f"per step, more than the {LAYERWISE_STEP_WARNING:.0%} of the papers' largest recipes: an LR written "
+                  "for SGD (a model-zoo YAML's) is too large here; see the README's optimizer table for each one's LR")

@@ -26,7 +26,7 @@ from ..norm import build_sync_bn_from_cfg
 from ..optim import build_optimizer
 from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler
-from ..solver import describe_batch, prepare_solver
+from ..solver import describe_batch, describe_step_size, prepare_solver
 from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, set_rng_state
 from .divergence import ExplosionGuard
 from .monitor import MonitorHook
@@ -53,9 +53,11 @@ class LargeBatchTrainer(DefaultTrainer):
         images = train_set_size(cfg) if cfg.SOLVER.SCHEDULE_UNIT == "epoch" else None
         cfg = prepare_solver(cfg, comm.get_world_size(), images)
         batch, too_many = describe_batch(cfg, comm.get_world_size())
-        logger.info(batch)
-        if too_many:
-            logger.warning(too_many)
+        step, too_large = describe_step_size(cfg)
+        for line, log in ((batch, logger.info), (too_many, logger.warning), (step, logger.info),
+                          (too_large, logger.warning)):
+            if line:
+                log(line)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
