@@ -100,6 +100,26 @@ def test_cosine(method, end):
     assert_curve(lr_curve(cfg), expected)
 
 
+@pytest.mark.parametrize("power, end", [(0.9, 0.0), (1.0, 0.0001), (2.0, 0.001)])
+def test_poly(power, end):
+    """mmsegmentation's poly: (base - min) * (1 - t / T) ** power + min, after the warm-up as the cosine's."""
+    lr, n, warmup = 0.01, 80, 8
+    cfg = make_cfg(LR_SCHEDULER_NAME="WarmupPolyLR", BASE_LR=lr, BASE_LR_END=end, MAX_ITER=n, WARMUP_ITERS=warmup,
+                   POLY_POWER=power)
+
+    def sched(it):
+        return ((lr - end) * (1 - it / n) ** power + end) / lr
+
+    expected = [lr * (warmup_ref("linear", 0.001, warmup, i, sched(0), sched(warmup)) if i < warmup else sched(i))
+                for i in range(n)]
+    assert_curve(lr_curve(cfg), expected)
+
+
+def test_poly_power_is_checked():
+    with pytest.raises(ConfigError, match="SOLVER.POLY_POWER = 0.0 is not allowed: expected a number > 0"):
+        lr_curve(make_cfg(LR_SCHEDULER_NAME="WarmupPolyLR", POLY_POWER=0.0))
+
+
 def test_cosine_zero_base_lr():
     cfg = make_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", BASE_LR=0.0, BASE_LR_END=0.0)
     assert lr_curve(cfg) == [0.0] * 100
@@ -161,7 +181,7 @@ def test_restarts_scheduler_where_units():
     assert s(0.125) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12.5 / 25)))
 
 
-@pytest.mark.parametrize("name", ["WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR"])
+@pytest.mark.parametrize("name", ["WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR", "WarmupPolyLR"])
 @pytest.mark.parametrize("k", [7, 33])
 def test_resume_mid_cycle(name, k):
     cfg = make_cfg(LR_SCHEDULER_NAME=name, BASE_LR=0.05, BASE_LR_END=0.001, MAX_ITER=90, WARMUP_ITERS=10,
@@ -205,13 +225,13 @@ def test_resume_mid_cycle(name, k):
 
 
 def test_unknown_scheduler_name():
-    cfg = make_cfg(LR_SCHEDULER_NAME="WarmupPolyLR")
+    cfg = make_cfg(LR_SCHEDULER_NAME="WarmupExponentialLR")
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(ConfigError) as e:
         build_lr_scheduler(cfg, opt)
     msg = str(e.value)
-    assert msg.startswith("SOLVER.LR_SCHEDULER_NAME = 'WarmupPolyLR' is not allowed: expected one of ")
-    assert "WarmupCosineRestartsLR" in msg and "\n" not in msg
+    assert msg.startswith("SOLVER.LR_SCHEDULER_NAME = 'WarmupExponentialLR' is not allowed: expected one of ")
+    assert "WarmupPolyLR" in msg and "\n" not in msg
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,5 +60,11 @@ PYEOF
   # the model zoo's configs live outside the package in the source tree; detectron2 expects them here
   if [ -d "$src/configs" ]; then cp -r "$src/configs" "$site/detectron2/model_zoo/configs"; fi
 fi
+# panopticapi (PQ for Panoptic FPN, through detectron2's COCOPanopticEvaluator): the registry's copy of COCO's
+# panopticapi; its evaluation needs only numpy and PIL, and its declared pins (Pillow>=10, numpy<2) would clash with
+# detectron2 v0.6's, so without its dependencies
+if ! "$PY" -c "import panopticapi.evaluation" 2>/dev/null; then
+  pip_install --no-deps "panopticapi-lite==0.2.0"
+fi
 "$PY" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$(dirname "$0")/.."
 "$PY" -m largebatch.collect_env

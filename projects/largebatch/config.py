@@ -17,7 +17,7 @@ from .norm import groups_divide
 from .optim.build import OPTIMIZERS
 from .optim.groups import DETECTOR_PARTS
 
-LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR")
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupCosineRestartsLR", "WarmupPolyLR")
 LR_SCALING_RULES = ("none", "linear", "sqrt", "linear_then_sqrt")
 SCHEDULE_UNITS = ("iter", "epoch")
 #: the image formats detectron2's loader and models take (detectron2.data.detection_utils.read_image)
@@ -102,12 +102,15 @@ def add_largebatch_config(cfg):
 
     # ---------------------------------------------------------------------------------------------------------
     # LR schedules (largebatch/schedule.py); SOLVER.LR_SCHEDULER_NAME is one of WarmupMultiStepLR,
-    # WarmupCosineLR, WarmupCosineRestartsLR. Warm-up: detectron2's WARMUP_FACTOR/WARMUP_ITERS/WARMUP_METHOD.
+    # WarmupCosineLR, WarmupCosineRestartsLR, WarmupPolyLR. Warm-up: detectron2's WARMUP_FACTOR/WARMUP_ITERS/
+    # WARMUP_METHOD.
     # ---------------------------------------------------------------------------------------------------------
     # WarmupMultiStepLR: one multiplier per SOLVER.STEPS entry (MegDet's long policy: 0.1, 0.1, 0.5);
     # empty = SOLVER.GAMMA at every step.
     _C.SOLVER.STEP_GAMMAS = []
-    # The LR that cosine schedules end at (detectron2 0.6 lacks this key; main has it).
+    # WarmupPolyLR (semantic segmentation's schedule, mmsegmentation's "poly"): the power of (1 - iter / MAX_ITER).
+    _C.SOLVER.POLY_POWER = 0.9
+    # The LR that cosine and poly schedules end at (detectron2 0.6 lacks this key; main has it).
     if "BASE_LR_END" not in _C.SOLVER:
         _C.SOLVER.BASE_LR_END = 0.0
     _C.SOLVER.RESTARTS = CN()
@@ -314,6 +317,8 @@ def validate(cfg, num_workers=None):
     if s.LR_SCALING.RULE == "linear_then_sqrt" and s.LR_SCALING.REFERENCE_BATCH > s.LR_SCALING.SQRT_ABOVE:
         fail("SOLVER.LR_SCALING.REFERENCE_BATCH", s.LR_SCALING.REFERENCE_BATCH,
               f"linear_then_sqrt needs it <= SOLVER.LR_SCALING.SQRT_ABOVE ({s.LR_SCALING.SQRT_ABOVE})")
+    if not s.POLY_POWER > 0:
+        fail("SOLVER.POLY_POWER", s.POLY_POWER, "expected a number > 0")
     if s.RESTARTS.CYCLE_MULT < 1:
         fail("SOLVER.RESTARTS.CYCLE_MULT", s.RESTARTS.CYCLE_MULT, "expected a number >= 1")
     if not 0 <= s.WARMUP_FACTOR <= 1:

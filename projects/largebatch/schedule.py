@@ -1,4 +1,4 @@
-"""The LR schedules of largebatch: warm-up + multistep / cosine / cosine with warm restarts (SGDR).
+"""The LR schedules of largebatch: warm-up + multistep / cosine / cosine with warm restarts (SGDR) / poly.
 
 Everything here is built on fvcore ``ParamScheduler`` objects (a multiplier of the base LR as a function of
 ``where`` in [0, 1) of the run) driven by detectron2's ``LRMultiplier``, a torch LR scheduler whose only state
@@ -25,6 +25,11 @@ linear, ends at the schedule's value at WARMUP_ITERS):
     be cut short). With no warm-up, GAMMA 1 and integer CYCLE_MULT this is exactly torch's
     ``CosineAnnealingWarmRestarts(T_0=CYCLE_ITERS, T_mult=CYCLE_MULT, eta_min=BASE_LR_END)``.
 
+``WarmupPolyLR``
+    semantic segmentation's "poly" (mmsegmentation's, which AGVM's Semantic FPN runs follow):
+    ``end + (1 - end) * (1 - where) ** POLY_POWER`` with ``end = BASE_LR_END / BASE_LR``, over the whole run as
+    the cosine (mmsegmentation's ``(base - min) * (1 - t / T) ** power + min``).
+
 Iteration-based schedulers map ``where`` to an iteration ``where * MAX_ITER`` and snap it to the nearest
 integer when it is within floating-point noise of one (``58 / 100 * 100 == 57.99999999999999``), so that a
 step or a restart happens exactly at its iteration.
@@ -45,6 +50,7 @@ from .config import validate
 __all__ = [
     "GammaStepsParamScheduler",
     "CosineRestartsParamScheduler",
+    "PolyParamScheduler",
     "build_param_scheduler",
     "build_lr_scheduler",
     "lr_curve",
@@ -165,6 +171,17 @@ class CosineRestartsParamScheduler(ParamScheduler):
         return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * (t - start) / length))
 
 
+class PolyParamScheduler(ParamScheduler):
+    """``end_value + (start_value - end_value) * (1 - where) ** power``: the poly schedule with a floor (fvcore's
+    PolynomialDecayParamScheduler decays to 0)."""
+
+    def __init__(self, start_value: float, end_value: float, power: float):
+        self._start_value, self._end_value, self._power = start_value, end_value, power
+
+    def __call__(self, where: float) -> float:
+        return self._end_value + (self._start_value - self._end_value) * max(0.0, 1.0 - where) ** self._power
+
+
 def _end_ratio(cfg) -> float:
     s = cfg.SOLVER
     return 1.0 if s.BASE_LR == 0 else s.BASE_LR_END / s.BASE_LR  # with BASE_LR 0, the LR is 0 whatever the multiplier
@@ -184,6 +201,8 @@ def _main_scheduler(cfg) -> ParamScheduler:
         return GammaStepsParamScheduler(s.GAMMA, [s.STEPS[i] for i in kept], max_iter, gammas)
     if name == "WarmupCosineLR":
         return CosineParamScheduler(1.0, _end_ratio(cfg))
+    if name == "WarmupPolyLR":
+        return PolyParamScheduler(1.0, _end_ratio(cfg), s.POLY_POWER)
     # WarmupCosineRestartsLR
     r = s.RESTARTS
     return CosineRestartsParamScheduler(

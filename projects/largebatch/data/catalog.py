@@ -11,19 +11,25 @@ from PIL import Image
 
 from ..config import ConfigError, describe_error, fail
 from .shapes import SHAPES_SPLITS, ShapesRootError, default_shapes_root, register_shapes
+from .shapes_dense import SHAPES_DENSE_DATASETS, register_shapes_dense
 
 __all__ = ["check_images", "image_problem", "register_datasets", "train_set_size"]
 
 
 def register_datasets(cfg) -> None:
     """Register the embedded shapes dataset when the config uses it (generated on first use; a folder that holds
-    anything else is refused with a ConfigError, never replaced). The COCO names are detectron2's own
-    (registered when detectron2.data is imported)."""
+    anything else is refused with a ConfigError, never replaced), its semantic / panoptic versions likewise
+    (shapes_dense.py). The COCO names are detectron2's own (registered when detectron2.data is imported)."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    if any(name in SHAPES_SPLITS for name in names):
+    detection = any(name in SHAPES_SPLITS for name in names)
+    dense = any(name in SHAPES_DENSE_DATASETS for name in names)
+    if detection or dense:
         root = cfg.DATASETS.SHAPES_ROOT or default_shapes_root()
         try:
-            register_shapes(cfg.DATASETS.SHAPES_ROOT or None)
+            if detection:
+                register_shapes(cfg.DATASETS.SHAPES_ROOT or None)
+            if dense:
+                register_shapes_dense(cfg.DATASETS.SHAPES_ROOT or None)
         except ShapesRootError as e:
             raise ConfigError(f"DATASETS.SHAPES_ROOT = {root!r} is not allowed: {e}") from None
         except OSError as e:  # a file where a folder of the path should be, no permission, a full disk
@@ -37,7 +43,8 @@ def register_datasets(cfg) -> None:
         unknown = [name for name in cfg.DATASETS[key] if name not in known]
         if unknown:
             fail(f"DATASETS.{key}", tuple(cfg.DATASETS[key]), f"{unknown[0]!r} is not a registered dataset (known: "
-                 f"shapes_train, shapes_val, detectron2's builtin names such as coco_2017_train)")
+                 f"shapes_train, shapes_val, {', '.join(SHAPES_DENSE_DATASETS)}, detectron2's builtin names "
+                 "such as coco_2017_train)")
         for name in cfg.DATASETS[key]:  # classes known without reading the data (builtin and shapes metadata)
             classes = MetadataCatalog.get(name).get("thing_classes")
             if classes is not None and len(classes) > cfg.MODEL.ROI_HEADS.NUM_CLASSES:

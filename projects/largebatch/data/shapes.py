@@ -34,9 +34,12 @@ first writer wins; losers validate the winner's marker and delete their temp dir
 aside, then replaced the same way. Readers only ever see a complete split. Temp directories of dead
 processes on this host (or older than a day) are removed on the next call.
 
-Command line::
+Per-pixel semantic and panoptic labels of the same images (``<root>/<split>_dense``, written the same race-free
+way by ``_install_atomically``) are :mod:`largebatch.data.shapes_dense`'s.
 
-    PYTHONPATH=projects python -m largebatch.data.shapes --root DIR [--force]
+Command line (``--dense``: the dense labels too)::
+
+    PYTHONPATH=projects python -m largebatch.data.shapes --root DIR [--force] [--dense]
 """
 import argparse
 import errno
@@ -56,6 +59,8 @@ __all__ = [
     "SHAPES_CLASSES",
     "SHAPES_SPLITS",
     "GENERATOR_VERSION",
+    "PIXEL_BACKGROUND",
+    "PIXEL_DROPPED",
     "default_shapes_root",
     "generate_shapes_split",
     "prepare_shapes",
@@ -76,6 +81,8 @@ MIN_SHAPE_SIZE = 16  # longest side of a shape's box, px
 MAX_SHAPE_SIZE = 64
 MAX_OBJECTS = 4
 MIN_VISIBLE_FRACTION = 0.4  # annotations of shapes less visible than this are dropped
+PIXEL_BACKGROUND = 0  # render_shapes_image(with_pixels=True): no shape drawn here
+PIXEL_DROPPED = -1  # ... the top shape here was drawn but its annotation dropped (k > 0: the k-th object)
 _PLACEMENT_MIN_VISIBLE = 0.5  # placements hiding more of an earlier shape are re-sampled
 _PLACEMENT_TRIES = 10
 _CIRCLE_VERTICES = 24
@@ -179,8 +186,17 @@ def _to_uint8(arr):
     return arr.astype(np.uint8)
 
 
-def render_shapes_image(rng, image_size=DEFAULT_IMAGE_SIZE):
-    """Draw one image. Returns ``(PIL.Image RGB, [dict(category_id, polygon (N,2) float array)])``."""
+def render_shapes_image(rng, image_size=DEFAULT_IMAGE_SIZE, with_pixels=False):
+    """Draw one image. Returns ``(PIL.Image RGB, [dict(category_id, polygon (N,2) float array)])``, the objects
+    in drawing order (later ones on top).
+
+    With ``with_pixels`` also the per-pixel map of which drawn shape covers each pixel last, an (H, W) int32
+    array: ``PIXEL_BACKGROUND`` (0) where no shape was drawn, ``k`` (1-based) where ``objects[k - 1]`` is on top,
+    ``PIXEL_DROPPED`` (-1) where the top shape is one the ``MIN_VISIBLE_FRACTION`` safeguard dropped (its pixels
+    show a shape that has no annotation). A shape's pixels are its rasterised polygon (``_rasterize``), which is
+    exactly what was drawn. The map is built from the masks the drawing computes anyway, so the same random
+    numbers are consumed and the image and objects are the same with or without it.
+    """
     # background: linear gradient between two random colours along a random direction
     c0 = rng.integers(0, 256, size=3).astype(np.float32)
     c1 = rng.integers(0, 256, size=3).astype(np.float32)
@@ -217,9 +233,18 @@ def render_shapes_image(rng, image_size=DEFAULT_IMAGE_SIZE):
     arr = np.asarray(img, dtype=np.float32) + noise
     img = Image.fromarray(_to_uint8(arr), "RGB")
 
-    if masks:  # final safeguard: shapes mostly hidden by later ones get no annotation
-        objects = [o for o, f in zip(objects, _visible_fractions(masks)) if f >= MIN_VISIBLE_FRACTION]
-    return img, objects
+    # final safeguard: shapes mostly hidden by later ones get no annotation
+    kept = [f >= MIN_VISIBLE_FRACTION for f in _visible_fractions(masks)] if masks else []
+    annotated = [o for o, keep in zip(objects, kept) if keep]
+    if not with_pixels:
+        return img, annotated
+    pixels = np.full((image_size, image_size), PIXEL_BACKGROUND, dtype=np.int32)
+    index = 0  # of the annotated object
+    for mask, keep in zip(masks, kept):  # drawing order: a later shape overwrites an earlier one
+        if keep:
+            index += 1
+        pixels[mask] = index if keep else PIXEL_DROPPED
+    return img, annotated, pixels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,8 +274,7 @@ def _write_split(out_dir, split, num_images, image_size, seed):
     """Write images then the json (last) of one split into ``out_dir`` (an empty directory)."""
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir)
-    with open(os.path.join(out_dir, _OWNER_FILE), "w") as f:  # says "ours" even if the json gets damaged
-        json.dump(_marker(split, num_images, image_size, seed), f)
+    _write_owner_file(out_dir, _marker(split, num_images, image_size, seed))
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], i])
@@ -317,6 +341,12 @@ class ShapesRootError(ValueError):
 _OWNER_FILE = ".largebatch-shapes"
 
 
+def _write_owner_file(out_dir, marker):
+    """The file that says "written by this generator" (first, so it says so even if the rest gets damaged)."""
+    with open(os.path.join(out_dir, _OWNER_FILE), "w") as f:
+        json.dump(marker, f)
+
+
 def _written_by_shapes(split_dir, split):
     """Whether ``split_dir`` is a split this generator wrote (any version or size), so it may be replaced: it holds
     the generator's owner file, or (splits written before that file existed) its json carries the marker."""
@@ -330,15 +360,16 @@ def _written_by_shapes(split_dir, split):
         return False
 
 
-def _check_replaceable(split_dir, split):
-    """Refuse to replace a folder that this generator did not write (an empty one is fine)."""
-    if not os.path.lexists(split_dir):
+def _check_replaceable(path, written_by_us):
+    """Refuse to replace a folder that this generator did not write (``written_by_us(path)`` false; an empty one
+    is fine)."""
+    if not os.path.lexists(path):
         return
-    if os.path.isdir(split_dir) and not os.path.islink(split_dir) and not os.listdir(split_dir):
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
         return
-    if not _written_by_shapes(split_dir, split):
+    if not written_by_us(path):
         raise ShapesRootError(
-            f"{split_dir} exists and was not written by largebatch's shapes generator: it is left as it is; "
+            f"{path} exists and was not written by largebatch's shapes generator: it is left as it is; "
             "point DATASETS.SHAPES_ROOT (or $LARGEBATCH_DATASETS) at a new or empty folder"
         )
 
@@ -399,40 +430,61 @@ def generate_shapes_split(
         raise ValueError(f"unknown split {split!r}, expected one of {sorted(_SPLIT_IDS)}")
     if num_images is None:
         num_images = DEFAULT_NUM_IMAGES[split]
+    marker = _marker(split, num_images, image_size, seed)
+    _install_atomically(
+        root,
+        split,
+        write=lambda out_dir: _write_split(out_dir, split, num_images, image_size, seed),
+        is_valid=lambda path: _is_valid_split(path, split, marker),
+        written_by_us=lambda path: _written_by_shapes(path, split),
+        force=force,
+    )
+    return _split_paths(os.fspath(root), split)
+
+
+def _install_atomically(root, name, *, write, is_valid, written_by_us, force=False):
+    """Make sure ``<root>/<name>`` is a complete folder (``is_valid(path)``), generating it race-free if not.
+
+    ``write(out_dir)`` fills an empty private temp folder ``<root>/.tmp-<name>-<host>-<pid>-<uuid>``, its
+    completion marker last, and the folder is then ``os.rename``\\ d onto ``<root>/<name>``: renaming onto a
+    non-empty folder fails, so the first writer wins and the others use its result once ``is_valid`` accepts it.
+    A folder that is not valid (stale parameters, damaged) is moved aside and replaced only if
+    ``written_by_us(path)`` says this generator wrote it; anything else raises :class:`ShapesRootError` and is
+    neither moved nor deleted. ``force``: replace even a valid folder. Temp folders of dead writers are removed.
+    ``name`` must not contain "-" (it is part of the temp folders' names, which are split on "-").
+    """
     root = os.fspath(root)
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, split)
-    marker = _marker(split, num_images, image_size, seed)
-    paths = _split_paths(root, split)
-    if not force and _is_valid_split(final, split, marker):
-        return paths
-    _check_replaceable(final, split)  # nothing of the user's is ever moved or deleted
+    final = os.path.join(root, name)
+    if not force and is_valid(final):
+        return
+    _check_replaceable(final, written_by_us)  # nothing of the user's is ever moved or deleted
 
     _cleanup_orphans(root)
-    tmp = os.path.join(root, _private_name("tmp", split))
+    tmp = os.path.join(root, _private_name("tmp", name))
     try:
         os.makedirs(tmp)
-        _write_split(tmp, split, num_images, image_size, seed)
-        replace_valid = force  # with force, one existing valid split (possibly a concurrent winner's) is replaced
+        write(tmp)
+        replace_valid = force  # with force, one existing valid folder (possibly a concurrent winner's) is replaced
         while True:
             try:
                 os.rename(tmp, final)  # atomic; fails if ``final`` exists and is non-empty
-                return paths
+                return
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                     raise
-            if not replace_valid and _is_valid_split(final, split, marker):
-                return paths  # another writer won (or the split was valid already): use its result
-            # ``final`` is a stale split of ours (or force): move it aside, then retry the rename
-            _check_replaceable(final, split)
-            aside = os.path.join(root, _private_name("stale", split))
+            if not replace_valid and is_valid(final):
+                return  # another writer won (or the folder was valid already): use its result
+            # ``final`` is a stale folder of ours (or force): move it aside, then retry the rename
+            _check_replaceable(final, written_by_us)
+            aside = os.path.join(root, _private_name("stale", name))
             try:
                 os.rename(final, aside)
             except FileNotFoundError:
                 continue  # someone else moved it already
             replace_valid = False
-            if _is_valid_split(aside, split, marker) and not force:
-                # raced with a writer that installed a valid split after our check: put it back
+            if is_valid(aside) and not force:
+                # raced with a writer that installed a valid folder after our check: put it back
                 try:
                     os.rename(aside, final)
                 except OSError:
@@ -515,6 +567,9 @@ def main(argv=None):
     parser.add_argument("--num-val", type=int, default=DEFAULT_NUM_IMAGES["val"])
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument(
+        "--dense", action="store_true", help="also write the semantic / panoptic labels (largebatch.data.shapes_dense)"
+    )
     args = parser.parse_args(argv)
     root = default_shapes_root() if args.root is None else args.root
     t0 = time.perf_counter()
@@ -526,8 +581,21 @@ def main(argv=None):
         seed=args.seed,
         force=args.force,
     )
+    if args.dense:
+        from .shapes_dense import prepare_shapes_dense  # imports this module: not at the top
+
+        dense = prepare_shapes_dense(
+            root,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            image_size=args.image_size,
+            seed=args.seed,
+            force=args.force,
+        )
     dt = time.perf_counter() - t0
     print(_summary(paths))
+    if args.dense:
+        print("\n".join(f"{split}_dense: {p['dense_root']}" for split, p in dense.items()))
     print(f"done in {dt:.2f}s (root={os.path.abspath(root)})")
 
 

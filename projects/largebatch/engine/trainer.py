@@ -5,14 +5,16 @@ SyncBN (``norm.py``), the optimizer is ``build_optimizer``'s (``optim/``), the i
 ``LargeBatchStepper`` (``stepper.py``), checkpoints are atomic (``checkpoint.py``) and the monitor hook
 (``monitor.py``) is added to detectron2's hooks.
 """
+import importlib.util
 import inspect
 import logging
 import os
 import weakref
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -132,8 +134,29 @@ class LargeBatchTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """detectron2's evaluators for the dataset's task (its ``evaluator_type``, as detectron2's tools/train_net.py
+        picks them): COCO box / mask AP; mIoU (SemSegEvaluator) for semantic segmentation; for panoptic
+        segmentation PQ (COCOPanopticEvaluator, where ``panopticapi`` is installed), the things' box / mask AP and
+        the stuff's mIoU."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=detectron2_compiled_ops())
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        evaluators = []
+        if kind in ("sem_seg", "coco_panoptic_seg"):
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        if kind in ("coco", "coco_panoptic_seg"):
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
+                                            use_fast_impl=detectron2_compiled_ops()))
+        if kind == "coco_panoptic_seg":
+            if importlib.util.find_spec("panopticapi") is None:
+                logger.warning("%s: no PQ (COCOPanopticEvaluator needs panopticapi: pip install --no-deps "
+                               "panopticapi-lite==0.2.0, as tools/setup_env.sh does); evaluated with box / mask AP "
+                               "and the stuff's mIoU only", dataset_name)
+            else:
+                evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        if not evaluators:
+            raise NotImplementedError(f"{dataset_name}: no evaluator for its evaluator_type {kind!r} (largebatch "
+                                      "evaluates coco, sem_seg and coco_panoptic_seg datasets)")
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
     def build_hooks(self):
         ret = super().build_hooks()
