@@ -221,6 +221,25 @@ def fail(key, value, allowed):
     raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
+def class_count_keys(cfg):
+    """The config keys that size the model's classifiers, each with the dataset metadata field whose classes it
+    must hold, for the config's meta-architecture: the R-CNNs' ROI_HEADS, RetinaNet's RETINANET, SemanticSegmentor's
+    SEM_SEG_HEAD (stuff_classes: every class of its per-pixel labels), PanopticFPN's ROI_HEADS for the things and
+    SEM_SEG_HEAD for the stuff (whose first class is "things")."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    things = ("MODEL.RETINANET.NUM_CLASSES" if arch == "RetinaNet" else "MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes")
+    stuff = ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes")
+    return {"SemanticSegmentor": [stuff], "PanopticFPN": [things, stuff]}.get(arch, [things])
+
+
+def config_value(cfg, key: str):
+    """The value of a dotted key (``MODEL.ROI_HEADS.NUM_CLASSES``)."""
+    node = cfg
+    for name in key.split("."):
+        node = node[name]
+    return node
+
+
 def describe_error(error: BaseException, limit: int = 120) -> str:
     """``Type: the first line of its message`` (cut at ``limit`` characters): what a one-line error quotes of the
     exception behind it."""

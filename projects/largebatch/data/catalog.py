@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
-from ..config import ConfigError, describe_error, fail
+from ..config import ConfigError, class_count_keys, config_value, describe_error, fail
 from .shapes import SHAPES_SPLITS, ShapesRootError, default_shapes_root, register_shapes
 from .shapes_dense import SHAPES_DENSE_DATASETS, register_shapes_dense
 
@@ -46,10 +46,11 @@ def register_datasets(cfg) -> None:
                  f"shapes_train, shapes_val, {', '.join(SHAPES_DENSE_DATASETS)}, detectron2's builtin names "
                  "such as coco_2017_train)")
         for name in cfg.DATASETS[key]:  # classes known without reading the data (builtin and shapes metadata)
-            classes = MetadataCatalog.get(name).get("thing_classes")
-            if classes is not None and len(classes) > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-                fail("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                     f"{name!r} has {len(classes)} classes: expected >= {len(classes)}")
+            for class_key, field in class_count_keys(cfg):
+                classes = MetadataCatalog.get(name).get(field)
+                if classes is not None and len(classes) > config_value(cfg, class_key):
+                    fail(class_key, config_value(cfg, class_key),
+                         f"{name!r} has {len(classes)} {field.replace('_', ' ')}: expected >= {len(classes)}")
 
 
 def _file_on_the_way(path: str) -> Optional[str]:
@@ -115,9 +116,10 @@ def _register_coco_json(cfg, name, json_file, image_root, for_training=False) ->
     if for_training and not _has_trainable_annotations(coco):
         fail(key, entry, f"{json_file!r} has no annotations (no non-crowd object in any of its {images} images): "
                          "nothing to train on; it can serve DATASETS.TEST only if it has them")
-    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    class_key = class_count_keys(cfg)[0][0]  # a COCO json's categories are things
+    num_classes = config_value(cfg, class_key)
     if categories > num_classes:
-        fail("MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
+        fail(class_key, num_classes,
              f"{name!r} (DATASETS.COCO_JSON) has {categories} categories: expected >= {categories}")
     register_coco_instances(name, {}, json_file, image_root)
 
