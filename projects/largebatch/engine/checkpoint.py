@@ -19,7 +19,7 @@ from ..files import atomic_write
 from ..optim.groups import ModulePartition
 
 __all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "check_weights_fit", "load_weights", "rng_state",
-           "set_rng_state"]
+           "set_rng_state", "set_training_attributes", "training_attributes"]
 logger = logging.getLogger("largebatch")
 
 
@@ -37,6 +37,26 @@ def rng_state() -> dict:
     return state
 
 
+#: attributes of a model, outside its state_dict, that training changes: detectron2's dense detectors (RetinaNet,
+#: FCOS) normalise their losses by a moving average of the foreground count, a plain float per worker
+TRAINING_ATTRIBUTES = ("loss_normalizer",)
+
+
+def training_attributes(model) -> dict:
+    """The ``TRAINING_ATTRIBUTES`` the (DDP-unwrapped) model has now: a resumed run continues them, as the random
+    generators (RetinaNet starts its normaliser at 100 when the attribute is missing: the losses of a resumed run
+    would be scaled otherwise)."""
+    model = getattr(model, "module", model)
+    return {name: float(getattr(model, name)) for name in TRAINING_ATTRIBUTES if hasattr(model, name)}
+
+
+def set_training_attributes(model, attributes: dict) -> None:
+    """Restore what ``training_attributes`` returned."""
+    model = getattr(model, "module", model)
+    for name, value in attributes.items():
+        setattr(model, name, value)
+
+
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` returned."""
     random.setstate(state["python"])
@@ -52,7 +72,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
     stop never leaves a truncated checkpoint (or a `last_checkpoint` naming one).
 
     The checkpoint also holds ``rng_states``: the random-generator states of every worker (rank order) at the
-    moment it is written, gathered from all workers. ``save`` is therefore collective when training is
+    moment it is written, and ``model_attributes``: each worker's ``training_attributes``, gathered from all
+    workers. ``save`` is therefore collective when training is
     distributed: every worker calls it (LargeBatchTrainer runs its checkpointing hook on every worker; only the
     main process writes).
 
@@ -76,18 +97,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 os.remove(path)
 
     def save(self, name: str, **kwargs) -> None:
+        mine = (rng_state(), training_attributes(self.model))
         states = [None] * comm.get_world_size()
         if comm.get_world_size() > 1:
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, mine)
         else:
-            states = [rng_state()]
+            states = [mine]
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
-        data["rng_states"] = states
+        data["rng_states"] = [rng for rng, _ in states]
+        data["model_attributes"] = [attributes for _, attributes in states]
         basename = f"{name}.pth"
         self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
         atomic_write(os.path.join(self.save_dir, basename), lambda f: torch.save(data, f), "wb")

@@ -29,7 +29,7 @@ from ..optim import build_optimizer
 from ..optim.groups import ModulePartition
 from ..schedule import build_lr_scheduler
 from ..solver import describe_batch, describe_step_size, prepare_solver
-from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, set_rng_state
+from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, set_rng_state, set_training_attributes
 from .divergence import ExplosionGuard
 from .monitor import MonitorHook
 from .preemption import PreemptionHook
@@ -194,7 +194,8 @@ class LargeBatchTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """detectron2's resume_or_load, and, when it resumes from a checkpoint, the data stream placed after the
-        batches already consumed and each worker's random generators as they were when the checkpoint was
+        batches already consumed and each worker's random generators (and its model's training attributes: RetinaNet's loss
+        normaliser) as they were when the checkpoint was
         written: the resumed run computes what the uninterrupted one would have."""
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.stepper.optimizer.param_groups]
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
@@ -205,6 +206,9 @@ class LargeBatchTrainer(DefaultTrainer):
         if isinstance(self.train_loader, ResumableTrainLoader):
             self.train_loader.skip_to(self.start_iter * self.cfg.SOLVER.ACCUMULATE_STEPS)
         states = checkpoint.get("rng_states")
+        attributes = checkpoint.get("model_attributes")
+        if attributes is not None and len(attributes) == comm.get_world_size():
+            set_training_attributes(self.stepper.model, attributes[comm.get_rank()])
         if states is not None and len(states) == comm.get_world_size():
             set_rng_state(states[comm.get_rank()])
         else:
