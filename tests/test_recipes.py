@@ -132,7 +132,8 @@ PARTS = {
     "SemanticSegmentor": {"backbone", "fpn", "sem_seg_head"},
     "PanopticFPN": {"backbone", "fpn", "rpn", "box_head", "mask_head", "sem_seg_head"},
 }
-PIPELINES = [os.path.join(CONFIG_DIR, "shapes", f"{name}.yaml") for name in ("retinanet", "semantic_fpn", "panoptic_fpn")]
+PIPELINES = [os.path.join(CONFIG_DIR, "shapes", f"{name}.yaml")
+             for name in ("retinanet", "semantic_fpn", "panoptic_fpn")]
 
 
 def _cpu_sized(path, shapes_root, output_dir, *extra):

@@ -194,9 +194,9 @@ class LargeBatchTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """detectron2's resume_or_load, and, when it resumes from a checkpoint, the data stream placed after the
-        batches already consumed and each worker's random generators (and its model's training attributes: RetinaNet's loss
-        normaliser) as they were when the checkpoint was
-        written: the resumed run computes what the uninterrupted one would have."""
+        batches already consumed and each worker's random generators and model attributes (RetinaNet's loss
+        normaliser) as they were when the checkpoint was written: the resumed run computes what the uninterrupted
+        one would have."""
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.stepper.optimizer.param_groups]
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if not (resume and self.checkpointer.has_checkpoint()):
