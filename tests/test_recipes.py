@@ -60,7 +60,8 @@ def _iterations(epochs, batch):
 # ---------------------------------------------------------------------------------------------------------------
 def test_recipes_are_found():
     assert len(RECIPES) >= 20, RECIPES
-    for sub in ("COCO-Detection", "COCO-InstanceSegmentation", "shapes"):
+    for sub in ("COCO-Detection", "COCO-InstanceSegmentation", "COCO-PanopticSegmentation",
+                "ADE20K-SemanticSegmentation", "shapes"):
         assert any(_rel(p).startswith(sub + os.sep) for p in RECIPES), sub
 
 
@@ -82,10 +83,11 @@ def test_config_loads_and_resolves(path):
     again = prepare_solver(cfg, world_size, COCO_TRAIN_IMAGES)
     assert again.dump() == cfg.dump()  # resolved means resolved
 
-    if _rel(path).startswith("COCO-") and not os.path.basename(path).startswith("Base-"):
+    if _rel(path).startswith(("COCO-", "ADE20K-")) and not os.path.basename(path).startswith("Base-"):
         with open(path) as f:
             header = "".join(line for line in f if line.startswith("#"))
-        assert "Table" in header and "AP" in header, "cite the paper's table and reported AP at the top"
+        metric = {"SemanticSegmentor": "mIoU", "PanopticFPN": "PQ"}.get(cfg.MODEL.META_ARCHITECTURE, "AP")
+        assert "Table" in header and metric in header, f"cite the paper's table and reported {metric} at the top"
         assert cfg.MODEL.WEIGHTS == "", "pretrained weights are the user's to set"
         assert cfg.SOLVER.ACCUMULATE_STEPS == 1 and cfg.SOLVER.IMS_PER_BATCH % IMAGES_PER_GPU == 0
 
@@ -341,6 +343,51 @@ def test_agvm_matches_paper(rel, batch, epochs, base_lr):
     assert s.MAX_ITER == _iterations(epochs, batch)
     assert abs(s.MAX_ITER - paper_iterations) <= epochs  # rounding vs. the paper's padded last batch
     assert cfg.MODEL.MASK_ON == ("InstanceSegmentation" in rel)
+
+
+@pytest.mark.parametrize("batch, iterations, tau", [(512, 10000, 10), (1024, 5000, 10), (2048, 2500, 5)])
+def test_agvm_semantic_fpn_matches_paper(batch, iterations, tau):
+    """AGVM Table 2, Semantic FPN on ADE20K: SGD + AGVM, R50, Table 2's iterations (5.12M images at every batch); LR
+    linear up to 256 then square root (Sec. 4: "256 on semantic segmentation") from mmsegmentation's 0.01 at batch
+    16, its poly schedule to 1% of the LR, weight decay 5e-4; tau 5 above 1K."""
+    cfg, _ = _resolved_at_scale(f"ADE20K-SemanticSegmentation/agvm_sgd_semantic_fpn_R_50_b{batch}.yaml")
+    s = cfg.SOLVER
+    assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor" and cfg.MODEL.RESNETS.DEPTH == 50
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150 and cfg.DATASETS.TRAIN == ("ade20k_sem_seg_train",)
+    assert s.OPTIMIZER == "SGD" and s.MOMENTUM == 0.9 and s.WEIGHT_DECAY == 5e-4
+    assert s.IMS_PER_BATCH == batch and s.MAX_ITER == iterations and batch * iterations == 5_120_000
+    assert s.BASE_LR == pytest.approx(0.01 * 256 / 16 * math.sqrt(batch / 256))
+    assert s.LR_SCHEDULER_NAME == "WarmupPolyLR" and s.POLY_POWER == 0.9
+    assert s.BASE_LR_END == pytest.approx(0.01 * s.BASE_LR)
+    assert s.AGVM.ENABLED and s.AGVM.ANCHOR == "backbone" and s.AGVM.MOMENTUM == 0.97 and s.AGVM.INTERVAL == tau
+    assert 0 < s.WARMUP_ITERS < iterations and cfg.MODEL.SYNC_BN.ENABLED
+
+
+@pytest.mark.parametrize("batch, iterations", [(256, 6426), (512, 3220), (1024, 1610)])
+def test_agvm_panoptic_fpn_matches_paper(batch, iterations):
+    """AGVM Table 2, Panoptic FPN on COCO: SGD + AGVM, R50-FPN, Table 2's iterations (14 x ceil(117266 / batch), as
+    its Mask R-CNN rows), LR linear up to 128 then square root from 0.02 at 16, x0.1 at 3/4 and 7/8 of the run."""
+    cfg, _ = _resolved_at_scale(f"COCO-PanopticSegmentation/agvm_sgd_panoptic_fpn_R_50_FPN_b{batch}.yaml")
+    s = cfg.SOLVER
+    assert cfg.MODEL.META_ARCHITECTURE == "PanopticFPN" and cfg.MODEL.MASK_ON
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train_panoptic_separated",)
+    assert not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT == 0.5
+    assert s.IMS_PER_BATCH == batch and s.MAX_ITER == iterations == 14 * math.ceil(COCO_TRAIN_IMAGES / batch)
+    assert s.BASE_LR == pytest.approx(_agvm_lr(0.02, batch)) and s.OPTIMIZER == "SGD"
+    assert s.STEPS == (round(0.75 * iterations), round(0.875 * iterations)) and s.GAMMA == 0.1
+    assert s.WARMUP_ITERS == 2 * math.ceil(COCO_TRAIN_IMAGES / batch)
+    assert s.AGVM.ENABLED and s.AGVM.ANCHOR == "backbone" and s.AGVM.MOMENTUM == 0.97 and s.AGVM.INTERVAL == 10
+
+
+@pytest.mark.parametrize("batch, lr", [(4096, 0.001), (10000, 0.0015)])
+def test_agvm_retinanet_r18_matches_paper(batch, lr):
+    """AGVM Table 5: RetinaNet R18, AdamW + AGVM, 24 epochs, LR 0.001 at 4k and 0.0015 at 10k (Sec. 4.1), tau 5."""
+    cfg, _ = _resolved_at_scale(f"COCO-Detection/agvm_adamw_retinanet_R_18_FPN_b{batch}.yaml")
+    s = cfg.SOLVER
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.RESNETS.DEPTH == 18
+    assert s.OPTIMIZER == "ADAMW" and s.IMS_PER_BATCH == batch and s.BASE_LR == pytest.approx(lr)
+    assert s.MAX_ITER == _iterations(24, batch) and s.STEPS == (_iterations(16, batch), _iterations(22, batch))
+    assert s.AGVM.ENABLED and s.AGVM.ANCHOR == "backbone" and s.AGVM.MOMENTUM == 0.97 and s.AGVM.INTERVAL == 5
 
 
 def test_agvm_b1024_lr():
