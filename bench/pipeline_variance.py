@@ -9,7 +9,8 @@ modules' variances drift apart as the batch grows, and Sec. 4.2 traces it to the
 measurement for RetinaNet, Semantic FPN and Panoptic FPN (configs/shapes/{retinanet,semantic_fpn,panoptic_fpn}.yaml:
 the embedded shapes data, SyncBN over the workers, from scratch), each at ``--batches`` (default 8 and 64) with SGD,
 MegDet's linear LR scaling from the pipeline's batch-16 LR and AGVM off, ``--epochs`` epochs of the 1024 training
-images, about 30 measurements per run, evaluated at the end with the pipeline's metric.
+images, about 30 measurements per run, evaluated at the end with the pipeline's metric. A run that diverges (the
+explosion guard stops it) is run again at half its LR, then a quarter; the table says so. Finished runs are reused.
 
     python bench/pipeline_variance.py                 # 6 runs, ~15 min on 2 cores
     python bench/pipeline_variance.py --quick         # 3 iterations per run (a smoke run, not a result)
@@ -30,7 +31,7 @@ from typing import Dict, List
 
 from harness import REPO, markdown_table, train_net, write_json
 
-from largebatch.analysis.metrics import part_order, read_metrics_rows
+from largebatch.analysis.metrics import part_order, read_json, read_metrics_rows
 from largebatch.analysis.plots import plot_grad_variance
 from largebatch.analysis.study import grad_var_records, noise_records
 from largebatch.files import atomic_write
@@ -46,10 +47,11 @@ TRAIN_IMAGES = 1024  # shapes_train
 RECORDS = 30  # gradient-variance measurements per run
 
 
-def run_overrides(pipeline: str, batch: int, args) -> List[str]:
-    """The pipeline's config made a Fig. 1 run: SGD at MegDet's linear rule from its batch-16 LR, AGVM off (the
-    monitor still measures every part), ``args.epochs`` epochs (1 of warm-up), RECORDS measurements."""
-    _, lr16, _ = PIPELINES[pipeline]
+def run_overrides(pipeline: str, batch: int, args, backoff: float = 1.0) -> List[str]:
+    """The pipeline's config made a Fig. 1 run: SGD at MegDet's linear rule from its batch-16 LR (times ``backoff``
+    after a divergence), AGVM off (the monitor still measures every part), ``args.epochs`` epochs (1 of warm-up),
+    RECORDS measurements."""
+    lr16 = PIPELINES[pipeline][1] * backoff
     steps = args.max_iter or args.epochs * TRAIN_IMAGES // batch
     opts = ["SOLVER.OPTIMIZER", "SGD", "SOLVER.AGVM.ENABLED", "False", "SOLVER.IMS_PER_BATCH", str(batch),
             "SOLVER.BASE_LR", str(lr16), "SOLVER.LR_SCALING.RULE", "linear", "SOLVER.LR_SCALING.REFERENCE_BATCH", "16",
@@ -71,6 +73,30 @@ def b_simple(records: List[tuple], part: str, start: int):
     return trace / grad_sq if grad_sq > 0 else None
 
 
+def run_pipeline(pipeline: str, batch: int, run_dir: str, args) -> dict:
+    """One run, reused when ``run_dir`` holds a finished one; a run the explosion guard stops is run again at half
+    its LR, then a quarter (as bench/critical_batch.py backs off): the state of each try in ``run_dir/result.json``."""
+    done = os.path.join(run_dir, "result.json")
+    result = read_json(done)
+    if result and result.get("returncode") == 0:
+        print(f"[pipeline_variance] {pipeline} at batch {batch}: finished run reused", flush=True)
+        return result
+    diverged = []
+    for backoff in (1.0, 0.5, 0.25):
+        print(f"[pipeline_variance] {pipeline} at batch {batch}, LR x{backoff:g} -> {run_dir}", flush=True)
+        rc, log = train_net(run_dir, os.path.join(REPO, PIPELINES[pipeline][0]),
+                            run_overrides(pipeline, batch, args, backoff), args.num_workers, args.python)
+        stop = next((line.split("Training diverged at ", 1)[1].split(":")[0] for line in log.splitlines()
+                     if "Training diverged at " in line), None)
+        if rc == 0 or stop is None:
+            break
+        diverged.append(f"LR x{backoff:g} diverged at {stop}")
+        print(f"[pipeline_variance] {pipeline} at batch {batch}: {diverged[-1]}", flush=True)
+    result = {"returncode": rc, "backoff": backoff, "diverged": diverged}
+    write_json(done, result)
+    return result
+
+
 def summarize(pipeline: str, batch: int, run_dir: str) -> dict:
     """What the report shows of one run: its records, mean Phi per part and B_simple per part after the first
     epoch (the warm-up), and its metric at the end."""
@@ -82,8 +108,12 @@ def summarize(pipeline: str, batch: int, run_dir: str) -> dict:
     kept = [phi for it, phi in variance if it >= start]
     parts = part_order({p for phi in kept for p in phi})
     mean = {p: sum(phi[p] for phi in kept if p in phi) / max(1, sum(p in phi for phi in kept)) for p in parts}
+    result = read_json(os.path.join(run_dir, "result.json")) or {}
+    backoff = result.get("backoff", 1.0)
     return {
-        "arm": f"{pipeline}, SGD", "pipeline": pipeline, "total_batch": batch, "iters_per_epoch": ipe,
+        "arm": f"{pipeline}, SGD" + (f" LR x{backoff:g}" if backoff != 1 else ""), "pipeline": pipeline,
+        "total_batch": batch, "iters_per_epoch": ipe, "lr": PIPELINES[pipeline][1] * backoff * batch / 16,
+        "lr_note": "; ".join(result.get("diverged", [])),
         "grad_var": variance, "parts": parts, "mean_phi": mean,
         "b_simple": {p: b_simple(noise, p, start) for p in [*parts, "all"]},
         "metric": next((r[metric] for r in reversed(rows) if metric in r), None),
@@ -96,14 +126,15 @@ def _fmt(x, digits=3) -> str:
 
 
 def report(runs: List[dict], command: str, args) -> str:
-    header = ["pipeline", "batch", "steps", "metric at the end", "mean Phi per part (after epoch 1)",
+    header = ["pipeline", "batch", "LR", "steps", "metric at the end", "mean Phi per part (after epoch 1)",
               "Phi_backbone / Phi_part", "B_simple per part (images)", "B_simple, whole model"]
     rows = []
     for run in runs:
         parts, phi = run["parts"], run["mean_phi"]
         ratio = ", ".join(f"{p} {phi['backbone'] / phi[p]:.2f}" for p in parts
                           if p != "backbone" and phi.get(p) and "backbone" in phi)
-        rows.append([run["pipeline"], run["total_batch"], run["steps"],
+        lr = f"{run['lr']:g}" + (f" ({run['lr_note']})" if run["lr_note"] else "")
+        rows.append([run["pipeline"], run["total_batch"], lr, run["steps"],
                      f"{PIPELINES[run['pipeline']][2]} {_fmt(run['metric'], 4)}",
                      ", ".join(f"{p} {phi[p]:.3f}" for p in parts), ratio or "-",
                      ", ".join(f"{p} {_fmt(run['b_simple'][p])}" for p in parts), _fmt(run["b_simple"]["all"])])
@@ -120,7 +151,7 @@ def report(runs: List[dict], command: str, args) -> str:
         "multiplier AGVM would give the part (before its sqrt, momentum and clamp: eq. 4-5); B_simple = tr(Sigma) / "
         "|G|^2 of the means of McCandlish's per-measurement unbiased terms (with SyncBN tr(Sigma) is biased "
         "upwards: bench/results/syncbn_phi.md). One seed per run.", "",
-        markdown_table(header, rows, right=[1, 2]), "",
+        markdown_table(header, rows, right=[1, 3]), "",
         "![grad_var per part against epochs, and Phi_backbone / Phi_part](pipeline_variance.png)", ""])
 
 
@@ -158,13 +189,11 @@ def main(argv=None) -> int:
         for batch in batches:
             run_dir = os.path.join(output, f"{pipeline}_b{batch}")
             if not args.report_only:
-                print(f"[pipeline_variance] {pipeline} at batch {batch} -> {run_dir}", flush=True)
-                rc, _ = train_net(run_dir, os.path.join(REPO, PIPELINES[pipeline][0]),
-                                  run_overrides(pipeline, batch, args), args.num_workers, args.python)
-                if rc != 0:
-                    failed[f"{pipeline}_b{batch}"] = rc
-                    print(f"[pipeline_variance] {pipeline} at batch {batch}: exit {rc}, see {run_dir}/train.log")
-                    continue
+                result = run_pipeline(pipeline, batch, run_dir, args)
+                if result["returncode"] != 0:
+                    failed[f"{pipeline}_b{batch}"] = result["returncode"]
+                    print(f"[pipeline_variance] {pipeline} at batch {batch}: exit {result['returncode']}, see "
+                          f"{run_dir}/train.log", flush=True)
             if os.path.isfile(os.path.join(run_dir, "metrics.json")):
                 runs.append(summarize(pipeline, batch, run_dir))
     text = report(runs, command, args)
