@@ -14,6 +14,8 @@ import sys
 import warnings
 from datetime import timedelta
 
+import torch
+
 # detectron2 0.6 calls torch.jit.script and Image.LINEAR at import: noise for every user, not their concern
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="LINEAR is deprecated", category=DeprecationWarning)
@@ -30,11 +32,15 @@ from largebatch.data import check_images, register_datasets
 from largebatch.engine.checkpoint import check_weights_fit
 from largebatch.engine.heartbeat import DEFAULT_HEARTBEAT_TIMEOUT
 from largebatch.engine.launch import DEFAULT_JOIN_TIMEOUT, device_type, hide_gpus, launched_by_torchrun
-from largebatch.engine.setup import setup
+from largebatch.engine.setup import setup, setup_lazy
+from largebatch.lazy.config import is_lazy_config, load_lazy_config, validate_lazy_training
+from largebatch.lazy.trainer import LazyLargeBatchTrainer, build_lazy_model, build_lazy_optimizer, lazy_test
 from largebatch.optim.groups import ModulePartition
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     cfg = setup(args)
     if args.eval_only:
         model = LargeBatchTrainer.build_model(cfg, for_training=False)
@@ -44,6 +50,18 @@ def main(args):
             verify_results(cfg, res)
         return res
     trainer = LargeBatchTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def main_lazy(args):
+    """``main`` for a LazyConfig (a .py config): its model, optimizer, data and schedule, largebatch's trainer."""
+    lazy, cfg = setup_lazy(args)
+    if args.eval_only:
+        model = build_lazy_model(lazy, cfg, for_training=False)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return lazy_test(lazy, model)
+    trainer = LazyLargeBatchTrainer(lazy, cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -98,16 +116,28 @@ def make_output_dir(path):
         raise ConfigError(f"OUTPUT_DIR = {path!r} is not allowed: this user cannot write into it")
 
 
-def build_model_on_cpu(cfg):
+def build_model_on_cpu(cfg, lazy=None):
     """The detector, built once here on the CPU: a config it cannot be built from (a META_ARCHITECTURE or
     BACKBONE.NAME nobody registered, a ResNet depth that does not exist, ...) is one line now, not an error in
-    every worker after start-up."""
+    every worker after start-up. For a LazyConfig its optimizer too (a bad argument of it: one line)."""
     on_cpu = cfg.clone()
     on_cpu.MODEL.DEVICE = "cpu"
     try:
-        return LargeBatchTrainer.build_model(on_cpu, for_training=False)
+        model = (LargeBatchTrainer.build_model(on_cpu, for_training=False) if lazy is None else
+                 build_lazy_model(lazy, on_cpu, for_training=False))
     except Exception as e:  # noqa: BLE001 - whatever detectron2's builders raise, the user gets one line
-        raise ConfigError(f"MODEL: the detector cannot be built from this config ({describe_error(e, 200)})") from None
+        key = "MODEL" if lazy is None else "model"
+        raise ConfigError(f"{key}: the detector cannot be built from this config ({describe_error(e, 200)})") from None
+    if lazy is not None:
+        try:
+            build_lazy_optimizer(lazy, on_cpu, model)
+        except Exception as e:  # noqa: BLE001 - the optimizer's own argument checks
+            raise ConfigError(f"optimizer: cannot be built ({describe_error(e, 200)})") from None
+        if any(type(m) is torch.nn.SyncBatchNorm for m in model.modules()) and on_cpu.MODEL.DEVICE == "cpu" and \
+                device_type(cfg.MODEL.DEVICE) == "cpu":
+            raise ConfigError("model: torch.nn.SyncBatchNorm layers (norm 'SyncBN') run on GPUs only: on CPU workers "
+                              "set largebatch.sync_bn.enabled=True (largebatch's SyncBN over the workers)")
+    return model
 
 
 def warn_frozen_bn_from_scratch(model):
@@ -153,9 +183,16 @@ def cli(argv=None):
         args.dist_url = "auto"
     try:  # fail before any worker starts: one line, no traceback
         check_arguments(args)
-        cfg = load_config(args.config_file, args.opts, args.num_gpus * args.num_machines)
-        if not args.eval_only:
-            validate_training(cfg, args.num_gpus * args.num_machines)
+        workers = args.num_gpus * args.num_machines
+        lazy = None
+        if is_lazy_config(args.config_file):
+            lazy, cfg = load_lazy_config(args.config_file, args.opts, workers)
+            if not args.eval_only:
+                validate_lazy_training(cfg, workers)
+        else:
+            cfg = load_config(args.config_file, args.opts, workers)
+            if not args.eval_only:
+                validate_training(cfg, workers)
         if args.eval_only and not args.resume and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise ConfigError(f"--eval-only: MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r} is not a file")
         register_datasets(cfg)  # unknown names, a shapes folder that is not ours: said here, before any worker
@@ -168,7 +205,7 @@ def cli(argv=None):
             print(f"warning: OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds an earlier run's checkpoints ({earlier}): this run "
                   "starts afresh and overwrites the files of the same names; --resume continues that run instead",
                   file=sys.stderr)
-        model = build_model_on_cpu(cfg)
+        model = build_model_on_cpu(cfg, lazy)
         if not args.eval_only and resumed is None and not cfg.MODEL.WEIGHTS:
             warn_frozen_bn_from_scratch(model)
         if resumed is not None:  # the run's own checkpoint: all of it must fit (another config's OUTPUT_DIR?)

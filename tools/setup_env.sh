@@ -17,12 +17,13 @@ fi
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] using the detectron2 already installed: $("$PY" -c 'import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))')"
   # what largebatch itself needs beyond detectron2's own requirements (pytest, ruff: `make test`, `make lint`)
-  pip_install pycocotools matplotlib tensorboard pytest "ruff==0.17.6"
+  pip_install pycocotools matplotlib tensorboard pytest "ruff==0.17.6" shapely
 else
   echo "[setup] no detectron2 importable: installing pb1-detectron2==0.6 (detectron2 v0.6 Python sources)"
   # the pins v0.6 needs: np.bool (numpy<1.24), Image.LINEAR (Pillow<10), fvcore/iopath versions from its setup.py
   pip_install "numpy<1.24" "Pillow<10" "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools yacs \
-    tabulate termcolor cloudpickle tqdm tensorboard matplotlib omegaconf hydra-core "setuptools<81" pytest "ruff==0.17.6"
+    tabulate termcolor cloudpickle tqdm tensorboard matplotlib omegaconf hydra-core "setuptools<81" pytest "ruff==0.17.6" \
+    shapely
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-build-isolation -d "$tmp" pb1-detectron2==0.6

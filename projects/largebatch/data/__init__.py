@@ -1,7 +1,8 @@
 """Datasets of the largebatch project.
 
 ``shapes_train`` / ``shapes_val``: an embedded, deterministic synthetic detection + instance
-segmentation dataset (see :mod:`largebatch.data.shapes`). :func:`register_datasets` (``catalog.py``)
+segmentation dataset (see :mod:`largebatch.data.shapes`), with semantic and panoptic labels
+(:mod:`largebatch.data.shapes_dense`). :func:`register_datasets` (``catalog.py``)
 registers what a config names; :func:`train_set_size` counts its training images.
 
 Names are resolved lazily, so that ``python -m largebatch.data.shapes`` runs without a runpy warning and
@@ -21,6 +22,8 @@ _LAZY = {
     "default_shapes_root": "largebatch.data.shapes",
     "SHAPES_CLASSES": "largebatch.data.shapes",
     "SHAPES_SPLITS": "largebatch.data.shapes",
+    "register_shapes_dense": "largebatch.data.shapes_dense",
+    "SHAPES_DENSE_DATASETS": "largebatch.data.shapes_dense",
 }
 __all__ = list(_LAZY)
 

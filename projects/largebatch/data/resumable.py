@@ -172,17 +172,29 @@ class ResumableTrainLoader:
     """
 
     def __init__(self, cfg):
-        args = build_detection_train_loader.from_config(cfg)
+        self._build(build_detection_train_loader.from_config(cfg), cfg.SEED if cfg.SEED >= 0 else None)
+
+    @classmethod
+    def from_arguments(cls, args: dict, seed: Optional[int] = None) -> "ResumableTrainLoader":
+        """The same from ``build_detection_train_loader``'s arguments (``dataset`` a list of dicts, ``mapper``,
+        ``total_batch_size`` and, optional, ``sampler``, ``aspect_ratio_grouping``, ``num_workers``), e.g. a
+        LazyConfig's ``dataloader.train`` node instantiated argument by argument."""
+        args = {"sampler": None, "aspect_ratio_grouping": True, "num_workers": 0, **args}
+        loader = cls.__new__(cls)
+        loader._build(args, seed)
+        return loader
+
+    def _build(self, args: dict, seed: Optional[int]) -> None:
         self.batch_size = args["total_batch_size"] // comm.get_world_size()
         self.grouping = bool(args["aspect_ratio_grouping"])
-        if type(args["sampler"]) is not TrainingSampler:
+        if args["sampler"] is not None and type(args["sampler"]) is not TrainingSampler:  # None: a TrainingSampler's
             self.sampler = None
             self.loader = build_detection_train_loader(**args)
             return
         dicts = args["dataset"]
         sized = all("width" in d and "height" in d for d in dicts)
         self.landscape = [d["width"] > d["height"] for d in dicts] if sized else None
-        self.sampler = ResumableTrainingSampler(len(dicts), seed=cfg.SEED if cfg.SEED >= 0 else None)
+        self.sampler = ResumableTrainingSampler(len(dicts), seed=seed)
         self.dataset = SeededMapDataset(DatasetFromList(dicts, copy=False), args["mapper"], self.sampler.seed)
         self.loader = stream_loader(self.dataset, self.sampler, args["total_batch_size"], self.grouping,
                                     args["num_workers"])

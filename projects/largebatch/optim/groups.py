@@ -106,3 +106,38 @@ def build_param_groups(
             groups[key]["param_names"].append(name)
     return list(groups.values())
 
+
+
+def split_param_groups_by_part(
+    model: torch.nn.Module,
+    param_groups: Sequence[Dict],
+    adapt_norm: bool = False,
+    adapt_bias: bool = False,
+    partition: Optional[ModulePartition] = None,
+) -> List[Dict]:
+    """Param groups made elsewhere (detectron2's ``get_default_optimizer_params``: its LR / weight-decay rules,
+    overrides, layer-wise LR decay), each split by detector part and tagged as ``build_param_groups`` tags its own:
+    ``"module"``, ``"adapt"`` (``adapt_norm`` for norm-layer parameters, ``adapt_bias`` for other biases, True for
+    the rest) and ``"param_names"``; every other key of a group is kept as it is. Parameters of ``model`` only."""
+    partition = partition or ModulePartition()
+    info = {}  # parameter -> (name, adapt)
+    for module_name, module in model.named_modules():
+        is_norm = _is_norm(module)
+        for param_name, param in module.named_parameters(recurse=False):
+            if param not in info:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                info[param] = (name, adapt_norm if is_norm else adapt_bias if param_name == "bias" else True)
+    out: "OrderedDict[tuple, Dict]" = OrderedDict()
+    for index, group in enumerate(param_groups):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            if param not in info:
+                raise ValueError(f"param group {index} holds a parameter that is not the model's")
+            name, adapt = info[param]
+            part = partition(name)
+            key = (index, part, adapt)
+            if key not in out:
+                out[key] = {**hyper, "params": [], "param_names": [], "module": part, "adapt": adapt}
+            out[key]["params"].append(param)
+            out[key]["param_names"].append(name)
+    return list(out.values())
