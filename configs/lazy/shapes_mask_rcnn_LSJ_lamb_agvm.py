@@ -7,13 +7,14 @@ workers (the tests train it end to end, resume it and evaluate it).
     python train_net.py --num-gpus 2 --config-file configs/lazy/shapes_mask_rcnn_LSJ_lamb_agvm.py train.max_iter=20
 
 What changes from the LSJ file: the data (shapes_train / shapes_val, 3 classes, 128 px: the jitter's target size and
-crop are 128), the anchors (16-256 px for 16-64 px shapes), fewer proposals and RoIs (CPU time), batch 8, no AMP (CPU: float32; detectron2's
+crop are 128), the anchors (16-256 px for 16-64 px shapes), fewer proposals and RoIs and 64-channel heads (CPU time), batch 8, no AMP (CPU: float32; detectron2's
 ``train.amp`` turns on bfloat16 autocast on CPU, which is slow there), the optimizer (LAMB + AGVM instead of SGD) and
 the schedule (cosine with a warm-up of 10 iterations). Its ``SyncBN`` layers (torch.nn.SyncBatchNorm, GPU-only)
 become largebatch's GroupSyncBatchNorm over all workers (``largebatch.sync_bn``).
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import CosineParamScheduler
@@ -27,11 +28,16 @@ model, dataloader, train = _lsj.model, _lsj.dataloader, _lsj.train
 image_size = 128
 model.roi_heads.num_classes = 3
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-# CPU-sized: fewer proposals and sampled RoIs (the 4conv1fc box head on 512 RoIs per image dominates otherwise)
+# CPU-sized: fewer proposals and sampled RoIs, narrower heads (the same 4conv1fc box head and 4conv mask head at 64
+# channels instead of 256; on 512 RoIs per image they would take most of a CPU step)
 model.proposal_generator.pre_nms_topk = (600, 300)
 model.proposal_generator.post_nms_topk = (200, 100)
 model.roi_heads.batch_size_per_image = 64
+model.roi_heads.box_head.conv_dims = [64, 64, 64, 64]
+model.roi_heads.box_head.fc_dims = [256]
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
 model.roi_heads.box_predictor.test_topk_per_image = 20
+model.roi_heads.mask_head.conv_dims = [64, 64, 64, 64, 64]
 
 dataloader.train.dataset.names = "shapes_train"
 dataloader.train.mapper.augmentations = [

@@ -147,7 +147,8 @@ def _target(node) -> str:
 
 def _apply_overrides(cfg, overrides: List[str]):
     """detectron2's ``LazyConfig.apply_overrides``, but a key the config does not have is refused (OmegaConf would
-    add it: a typo would silently do nothing)."""
+    add it: a typo would silently do nothing), except a new argument of a LazyCall node (its call refuses what it
+    does not take, at set-up) and a key written ``+key=value``."""
     from detectron2.config import LazyConfig
 
     for override in overrides:
@@ -155,7 +156,10 @@ def _apply_overrides(cfg, overrides: List[str]):
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not key=value (a LazyConfig's overrides: "
                               "train.max_iter=100 largebatch.monitor.period=10)")
-        if OmegaConf.select(cfg, key.lstrip("+~"), default=_MISSING) is _MISSING and not key.startswith("+"):
+        parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0], default=None) if "." in key else None
+        argument = OmegaConf.is_config(parent) and "_target_" in parent  # a LazyCall's argument: its call checks it
+        if OmegaConf.select(cfg, key.lstrip("+~"), default=_MISSING) is _MISSING and not (argument or
+                                                                                          key.startswith("+")):
             raise ConfigError(f"unknown config key {key!r} in override {override!r} (add a new key with +{key}=...)")
     try:
         return LazyConfig.apply_overrides(cfg, [o[1:] if o.startswith("+") else o for o in overrides])
@@ -219,8 +223,17 @@ def _run_config(lazy, num_workers: int):
     try:
         validate(cfg, num_workers)
     except ConfigError as e:
-        raise ConfigError(_lazy_message(str(e))) from None
+        lr_path = "optimizer" + ".optimizer" * _agvm_depth(optimizer) + ".lr"
+        raise ConfigError(_lazy_message(str(e), {"SOLVER.BASE_LR": lr_path})) from None
     return cfg
+
+
+def _agvm_depth(node) -> int:
+    """How many AGVM nodes wrap the stepping optimizer's node."""
+    depth = 0
+    while _target(node) == _AGVM:
+        node, depth = node.optimizer, depth + 1
+    return depth
 
 
 def _plain(value):
@@ -240,10 +253,11 @@ def _flatten(tree: dict, prefix: str) -> Dict[str, object]:
     return out
 
 
-def _lazy_message(message: str) -> str:
-    """A validator's one line, with the YAML key it names said as the LazyConfig key that sets it."""
+def _lazy_message(message: str, extra: Dict[str, str]) -> str:
+    """A validator's one line, with the YAML key it names said as the LazyConfig key that sets it (``extra``: more
+    YAML -> LazyConfig keys)."""
     key = message.split(" ", 1)[0]
-    return lazy_key(key) + message[len(key):] if key.isupper() or "." in key else message
+    return extra.get(key, lazy_key(key)) + message[len(key):]
 
 
 def _apply_lr_scaling(lazy, cfg) -> Optional[str]:
