@@ -164,8 +164,8 @@ def test_the_lsj_baseline_trains_with_lamb_and_agvm_per_part(lazy_run):
 def test_the_lsj_baseline_resumes_to_the_uninterrupted_runs_weights(lazy_run):
     whole, resumed, _, log = lazy_run
     assert "Starting training from iteration 2" in log
-    load = (lambda p: torch.load(p, map_location="cpu", weights_only=False)["model"])
-    a, b = load(whole / "model_final.pth"), load(resumed / "model_final.pth")
+    a, b = (torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+            for run in (whole, resumed))
     assert a.keys() == b.keys()
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert diff <= 1e-6, diff

@@ -7,10 +7,11 @@ workers (the tests train it end to end, resume it and evaluate it).
     python train_net.py --num-gpus 2 --config-file configs/lazy/shapes_mask_rcnn_LSJ_lamb_agvm.py train.max_iter=20
 
 What changes from the LSJ file: the data (shapes_train / shapes_val, 3 classes, 128 px: the jitter's target size and
-crop are 128), the anchors (16-256 px for 16-64 px shapes), fewer proposals and RoIs and 64-channel heads (CPU time), batch 8, no AMP (CPU: float32; detectron2's
-``train.amp`` turns on bfloat16 autocast on CPU, which is slow there), the optimizer (LAMB + AGVM instead of SGD) and
-the schedule (cosine with a warm-up of 10 iterations). Its ``SyncBN`` layers (torch.nn.SyncBatchNorm, GPU-only)
-become largebatch's GroupSyncBatchNorm over all workers (``largebatch.sync_bn``).
+crop are 128), the anchors (16-256 px for 16-64 px shapes), fewer proposals and RoIs and 64-channel heads (CPU
+time), batch 8, no AMP (CPU: float32; detectron2's ``train.amp`` turns on bfloat16 autocast on CPU, which is slow
+there), the optimizer (LAMB + AGVM instead of SGD) and the schedule (cosine with a warm-up of 10 iterations). Its
+``SyncBN`` layers (torch.nn.SyncBatchNorm, GPU-only) become largebatch's GroupSyncBatchNorm over all workers
+(``largebatch.sync_bn``).
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
