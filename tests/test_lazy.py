@@ -183,3 +183,40 @@ def test_the_lsj_baseline_evaluates_with_eval_only_as_at_the_end_of_training(laz
     values = dict(zip(lines[lines.index("Task: bbox") + 1].split(","),
                       map(float, lines[lines.index("Task: bbox") + 2].split(","))))
     assert values["AP"] == pytest.approx(_metrics(whole)[-1]["bbox/AP"], abs=5e-5, nan_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the LazyConfig recipes at COCO scale: the rule that set each one's LR and warm-up, recomputed here
+# ---------------------------------------------------------------------------------------------------------------
+LSJ_IMAGES = 184375 * 64  # the LSJ baseline's 100 epochs, in images
+LAZY_RECIPES = {  # file -> (optimizer, batch, LR after scaling, warm-up epochs, SyncBN group, AGVM)
+    "megdet_sgd_LSJ_100ep_b512.py": ("SGD", 512, 0.1 * 512 / 64, 1, 4, False),
+    "largedet_pmdlamb_LSJ_100ep_b1024.py": ("PMDLAMB", 1024, 0.1 * 1024 / 64, 2, 0, False),
+    "agvm_sgd_LSJ_100ep_b1024.py": ("SGD", 1024, 0.1 * 128 / 64 * (1024 / 128) ** 0.5, 2, 0, True),
+    "cooldet_lars_LSJ_100ep_b256.py": ("LARS", 256, 0.0008, 1, 0, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAZY_RECIPES))
+def test_lazy_recipes_resolve_to_their_papers_rules(name):
+    from largebatch.lazy import build_lazy_model, build_lazy_optimizer, load_lazy_config
+    from largebatch.optim import AGVM
+
+    optimizer, batch, lr, warmup_epochs, group, agvm = LAZY_RECIPES[name]
+    lazy, cfg = load_lazy_config(os.path.join(REPO, "configs", "lazy", name), [], batch // 8)  # 8 images per GPU
+    s = cfg.SOLVER
+    assert (s.OPTIMIZER, s.IMS_PER_BATCH, s.AGVM.ENABLED) == (optimizer, batch, agvm)
+    assert s.BASE_LR == pytest.approx(lr) and s.MAX_ITER == round(LSJ_IMAGES / batch)
+    assert s.WARMUP_ITERS == round(warmup_epochs * 118000 / batch)
+    assert cfg.MODEL.SYNC_BN.ENABLED and cfg.MODEL.SYNC_BN.GROUP_SIZE == group and s.AMP.ENABLED
+    milestones = lazy.lr_multiplier.scheduler.get("milestones")
+    if milestones is not None:  # the LSJ file's x0.1 steps at the same fractions of the run
+        assert [m / s.MAX_ITER for m in milestones] == pytest.approx([163889 / 184375, 177546 / 184375], abs=1e-4)
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    model = build_lazy_model(lazy, cpu, for_training=False)  # R50-FPN Mask R-CNN, SyncBN converted
+    built = build_lazy_optimizer(lazy, cfg, model)
+    assert isinstance(built, AGVM) == agvm
+    assert {g["module"] for g in built.param_groups} == PARTS
+    assert all(g["lr"] == pytest.approx(lr) for g in built.param_groups if g["module"] != "other")
