@@ -6,7 +6,7 @@ LR 0.1 x 512 / 64 = 0.8 (the LSJ file's 0.1 at batch 64, linear rule: largebatch
 at set-up); warm-up 1 epoch (MegDet gives no length; as configs/COCO-Detection/Base-MegDet.yaml) from 64 / 512 of
 the LR, i.e. from the LSJ file's own 0.1; 100 epochs (23047 iterations), LR x0.1 at the LSJ file's fractions.
 """
-from .lsj_100ep_base import dataloader, largebatch, model, optimizer, step_schedule, train, iterations  # noqa: F401
+from .lsj_100ep_base import dataloader, iterations, largebatch, model, optimizer, step_schedule, train  # noqa: F401
 
 batch = 512
 dataloader.train.total_batch_size = batch
