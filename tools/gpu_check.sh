@@ -15,6 +15,7 @@
 #   e_torchrun   python -m torch.distributed.run --nproc-per-node 1 train_net.py ... (NCCL, one rank)
 #   f_two_ranks  tools/gpu_check_two_ranks.py: 2 gloo ranks sharing the GPU (NCCL refuses two ranks on one
 #                device): DDP, GroupSyncBatchNorm, HalfGroupReducer, AGVM, GradScaler; weights bitwise equal
+#   g_lazy       train_net.py on configs/lazy/shapes_mask_rcnn_LSJ_lamb_agvm.py (a LazyConfig) on CUDA with AMP
 #
 # --dry-run: everything that needs no GPU (files and commands exist, step a, test collection, --help and
 # syntax checks, the AP parser on a sample log); the GPU commands and the checks of their results are
@@ -44,7 +45,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3  # as `make` would run it, or wha
 export LARGEBATCH_DATASETS=${LARGEBATCH_DATASETS:-$REPO/datasets}
 BUDGET=${GPU_CHECK_BUDGET:-470}
 DEMO=configs/shapes/demo.yaml
-export OUT DRY REPO PY DEMO
+LAZY=configs/lazy/shapes_mask_rcnn_LSJ_lamb_agvm.py
+export OUT DRY REPO PY DEMO LAZY
 exec 3>&1  # the console: the steps log to files and echo their commands here too
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,7 +279,21 @@ step_f_two_ranks() {
     note "$(grep -E '^(PASS|FAIL|SKIP)' "$OUT/$STEP.log" | tail -n1 | cut -c1-200)"
     exit $rc
 }
-export -f step_a_env step_b_pytest step_c_bench step_d_demo step_e_torchrun step_f_two_ranks
+step_g_lazy() {
+    local T="$OUT/lazy"
+    [ "$DRY" = 1 ] || rm -rf "$T"
+    run "$PY" train_net.py --help
+    # the LazyConfig path on CUDA: detectron2's LSJ baseline (shapes-sized) with LAMB + AGVM, AMP on, one GPU
+    gpu "$PY" train_net.py --num-gpus 1 --config-file "$LAZY" train.device=cuda train.amp.enabled=True \
+        train.max_iter=6 train.checkpointer.period=1000 largebatch.monitor.period=2 optimizer.interval=2 \
+        optimizer.start_iter=0 "train.output_dir=$T"
+    check grep -q "Starting training from iteration 0" "$T/log.txt"
+    check test -f "$T/model_final.pth"
+    check grep -q "agvm_mu/mask_head" "$T/metrics.json"
+    dry_skip
+    note "6 iterations of the LSJ LazyConfig on CUDA with AMP, LAMB + AGVM"
+}
+export -f step_a_env step_b_pytest step_c_bench step_d_demo step_e_torchrun step_f_two_ranks step_g_lazy
 
 # ---------------------------------------------------------------------------------------------------------
 # the driver
@@ -320,7 +336,7 @@ run_step() {
 
 rm -f "$OUT/.cuda_ok"
 echo "gpu_check: $PY, output in $OUT$([ "$DRY" = 1 ] && echo ', dry run')"
-for f in train_net.py "$DEMO" tests/test_cuda.py bench/optim_step.py tools/gpu_check_two_ranks.py; do
+for f in train_net.py "$DEMO" "$LAZY" tests/test_cuda.py bench/optim_step.py tools/gpu_check_two_ranks.py; do
     [ -f "$f" ] || { echo "missing file: $f" >&2; exit 1; }
 done
 for c in timeout tee grep awk; do
@@ -333,6 +349,7 @@ run_step c_bench 90 1
 run_step d_demo 300 1
 run_step e_torchrun 120 1
 run_step f_two_ranks 120 1
+run_step g_lazy 90 1
 
 {
     echo

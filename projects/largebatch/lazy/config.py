@@ -19,9 +19,17 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..config import ConfigError, LargeBatchCfgNode, add_largebatch_config, resolve_model_zoo_base, validate
+from ..config import (
+    ConfigError,
+    LargeBatchCfgNode,
+    add_largebatch_config,
+    device_kind,
+    resolve_model_zoo_base,
+    validate,
+)
 from ..norm import groups_divide
 from ..solver import lr_scale_factor
 
@@ -220,6 +228,11 @@ def _run_config(lazy, num_workers: int):
     except (KeyError, AssertionError, ValueError, TypeError) as e:
         message = str(e.args[0] if e.args else e).splitlines()[0]
         raise ConfigError(f"the LazyConfig: {message}") from None
+    if device_kind(cfg.MODEL.DEVICE) == "cuda" and not torch.cuda.is_available():
+        # as for a YAML config: said in the log and shown in the saved config
+        logger.warning("train.device=%s but no GPU is available: training on CPU, %d gloo worker(s)",
+                       cfg.MODEL.DEVICE, num_workers)
+        cfg.MODEL.DEVICE = "cpu"
     try:
         validate(cfg, num_workers)
     except ConfigError as e:
