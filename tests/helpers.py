@@ -7,6 +7,7 @@ and ``run_workers``. ``tests/`` is on ``sys.path`` because pytest imports ``conf
 conftest, "prepend" import mode); ``largebatch`` is installed (editable) by ``make``.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,25 @@ def make_config(*opts, config=SHAPES_CONFIG, register=False, num_workers=1):
 
         register_datasets(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------------------
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def tree_bytes(root):
+    """{path relative to ``root``: the file's bytes} of every file below ``root``."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

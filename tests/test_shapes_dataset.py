@@ -1,5 +1,4 @@
 """Tests of the embedded synthetic shapes dataset (largebatch.data.shapes)."""
-import json
 import multiprocessing as mp
 import os
 
@@ -7,23 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import read_json, tree_bytes
 from largebatch.data import shapes
 from largebatch.data.shapes import SHAPES_CLASSES, generate_shapes_split, prepare_shapes, register_shapes
-
-
-def _load(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _tree_bytes(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for fn in files:
-            p = os.path.join(d, fn)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 def _poly_area(seg):
@@ -107,17 +92,17 @@ def test_annotations_match_pixels(default_dataset):
 def test_deterministic(tmp_path):
     a = prepare_shapes(tmp_path / "a", num_train=24, num_val=8)
     b = prepare_shapes(tmp_path / "b", num_train=24, num_val=8)
-    ta, tb = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
+    ta, tb = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert ta.keys() == tb.keys() and len(ta) == 24 + 8 + 2 + 2  # images, jsons, each split's owner file
     assert all(ta[k] == tb[k] for k in ta)
     assert a["shapes_val"]["json_file"] != b["shapes_val"]["json_file"]
     # per-image seeding: a longer split starts with the same images; another seed gives other images
     generate_shapes_split(tmp_path / "c", "train", 30)
     img23 = os.path.join("train", "images", "000023.jpg")
-    assert _tree_bytes(tmp_path / "c")[img23] == ta[img23]
+    assert tree_bytes(tmp_path / "c")[img23] == ta[img23]
     generate_shapes_split(tmp_path / "d", "train", 24, seed=1)
     img0 = os.path.join("train", "images", "000000.jpg")
-    assert _tree_bytes(tmp_path / "d")[img0] != ta[img0]
+    assert tree_bytes(tmp_path / "d")[img0] != ta[img0]
 
 
 def test_regenerates_stale_or_broken(tmp_path):
@@ -126,16 +111,16 @@ def test_regenerates_stale_or_broken(tmp_path):
     assert generate_shapes_split(tmp_path, "val", 8) == p
     assert os.path.getmtime(p["json_file"]) == mtime  # valid cache reused
     generate_shapes_split(tmp_path, "val", 12)  # other parameters -> regenerated in place
-    assert len(_load(p["json_file"])["images"]) == 12
+    assert len(read_json(p["json_file"])["images"]) == 12
     with open(p["json_file"], "w") as f:  # truncated json
         f.write('{"images": [')
     generate_shapes_split(tmp_path, "val", 12)
-    assert len(_load(p["json_file"])["images"]) == 12
+    assert len(read_json(p["json_file"])["images"]) == 12
     os.remove(os.path.join(p["image_root"], "000005.jpg"))  # missing image
     generate_shapes_split(tmp_path, "val", 12)
     assert os.path.exists(os.path.join(p["image_root"], "000005.jpg"))
-    info = _load(p["json_file"])["info"]["largebatch_shapes"]
-    info_force = _load(generate_shapes_split(tmp_path, "val", 12, force=True)["json_file"])["info"]["largebatch_shapes"]
+    info = read_json(p["json_file"])["info"]["largebatch_shapes"]
+    info_force = read_json(generate_shapes_split(tmp_path, "val", 12, force=True)["json_file"])["info"]["largebatch_shapes"]
     assert info == info_force
     assert sorted(os.listdir(tmp_path)) == ["val"]
 
@@ -189,13 +174,13 @@ def test_concurrent_generation(tmp_path, preexisting):
     assert all(p == paths[0] for p in paths)
     assert sorted(os.listdir(root)) == ["train", "val"]  # exactly one dataset, no temp / stale leftovers
     for name, num in (("shapes_train", 96), ("shapes_val", 16)):
-        coco = _load(paths[0][name]["json_file"])
+        coco = read_json(paths[0][name]["json_file"])
         assert len(coco["images"]) == num
         assert sorted(os.listdir(paths[0][name]["image_root"])) == sorted(im["file_name"] for im in coco["images"])
     # the survivor is exactly what a single process generates
     ref = tmp_path / "ref"
     prepare_shapes(ref, num_train=96, num_val=16)
-    assert _tree_bytes(root) == _tree_bytes(ref)
+    assert tree_bytes(root) == tree_bytes(ref)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Tests of the semantic / panoptic labels of the embedded shapes dataset (largebatch.data.shapes_dense)."""
 import io
-import json
 import multiprocessing as mp
 import os
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import read_json, tree_bytes
 from largebatch.data import shapes
 from largebatch.data.shapes import ShapesRootError, generate_shapes_split, render_shapes_image
 from largebatch.data.shapes_dense import (
@@ -19,21 +19,6 @@ from largebatch.data.shapes_dense import (
 
 BACKGROUND = 4  # the panoptic stuff category
 DROPPING = 0.9  # MIN_VISIBLE_FRACTION that makes the generator drop annotations of drawn shapes
-
-
-def _load(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _tree_bytes(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for fn in files:
-            p = os.path.join(d, fn)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 def _png(path):
@@ -66,7 +51,7 @@ def dense_val(request, tmp_path_factory):
 def _labelled_images(paths):
     """Per image of the split: its detection json entry and annotations, its panoptic json entry, and the
     sem_seg, panoptic (ids) and panoptic_stuff labels."""
-    coco, panoptic = _load(paths["json_file"]), _load(paths["panoptic_json"])
+    coco, panoptic = read_json(paths["json_file"]), read_json(paths["panoptic_json"])
     by_image = {}
     for a in coco["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
@@ -90,7 +75,7 @@ def test_with_pixels_keeps_the_detection_data(tmp_path, monkeypatch, min_visible
     says which shape is on top, annotated (k) or dropped (-1)."""
     monkeypatch.setattr(shapes, "MIN_VISIBLE_FRACTION", min_visible)
     paths = generate_shapes_split(tmp_path, "val", 16)
-    coco = _load(paths["json_file"])
+    coco = read_json(paths["json_file"])
     dropped = 0
     for im in coco["images"]:
         i = im["id"] - 1
@@ -155,14 +140,14 @@ def test_panoptic_segments_match_the_png(dense_val):
     """The panoptic PNG decodes to exactly the segments of segments_info (area, bbox, category), one per annotated
     shape (id k: the image's k-th annotation) and one background segment, void (0) where sem_seg ignores."""
     _, paths = dense_val
-    panoptic = _load(paths["panoptic_json"])
+    panoptic = read_json(paths["panoptic_json"])
     assert panoptic["categories"] == [
         {"id": 1, "name": "circle", "supercategory": "shape", "isthing": 1},
         {"id": 2, "name": "square", "supercategory": "shape", "isthing": 1},
         {"id": 3, "name": "triangle", "supercategory": "shape", "isthing": 1},
         {"id": 4, "name": "background", "supercategory": "background", "isthing": 0},
     ]
-    assert panoptic["images"] == _load(paths["json_file"])["images"]
+    assert panoptic["images"] == read_json(paths["json_file"])["images"]
     for im, annotations, pan, sem, ids, _ in _labelled_images(paths):
         segments = {s["id"]: s for s in pan["segments_info"]}
         assert len(segments) == len(pan["segments_info"])
@@ -194,25 +179,25 @@ def test_panoptic_stuff_is_the_semantic_labels_of_things_and_background(dense_va
 
 def test_deterministic_cached_and_regenerated(tmp_path):
     a = generate_shapes_dense_split(tmp_path / "a", "train", 6)
-    detection = _tree_bytes(tmp_path / "a" / "train")
+    detection = tree_bytes(tmp_path / "a" / "train")
     b = generate_shapes_dense_split(tmp_path / "b", "train", 6)
-    ta, tb = _tree_bytes(a["dense_root"]), _tree_bytes(b["dense_root"])
+    ta, tb = tree_bytes(a["dense_root"]), tree_bytes(b["dense_root"])
     assert ta == tb and len(ta) == 3 * 6 + 2  # the PNGs, the json, the owner file
-    assert detection == _tree_bytes(tmp_path / "b" / "train")
+    assert detection == tree_bytes(tmp_path / "b" / "train")
     assert a == dense_split_paths(tmp_path / "a", "train")
     mtime = os.path.getmtime(a["panoptic_json"])
     assert generate_shapes_dense_split(tmp_path / "a", "train", 6) == a
     assert os.path.getmtime(a["panoptic_json"]) == mtime  # valid labels reused
     os.remove(os.path.join(a["panoptic_stuff_root"], "000003.png"))  # a missing file: regenerated
     generate_shapes_dense_split(tmp_path / "a", "train", 6)
-    assert _tree_bytes(a["dense_root"]) == ta
+    assert tree_bytes(a["dense_root"]) == ta
     generate_shapes_dense_split(tmp_path / "a", "train", 8)  # other parameters: both folders regenerated
-    assert len(_load(a["panoptic_json"])["annotations"]) == 8 == len(os.listdir(a["sem_seg_root"]))
-    assert _tree_bytes(tmp_path / "a" / "train_dense")["sem_seg/000005.png"] == ta["sem_seg/000005.png"]
+    assert len(read_json(a["panoptic_json"])["annotations"]) == 8 == len(os.listdir(a["sem_seg_root"]))
+    assert tree_bytes(tmp_path / "a" / "train_dense")["sem_seg/000005.png"] == ta["sem_seg/000005.png"]
     assert sorted(os.listdir(tmp_path / "a")) == ["train", "train_dense"]  # no temp / stale leftovers
     # generating the labels leaves the detection split exactly as generate_shapes_split writes it
     generate_shapes_split(tmp_path / "c", "train", 8)
-    assert _tree_bytes(tmp_path / "a" / "train") == _tree_bytes(tmp_path / "c" / "train")
+    assert tree_bytes(tmp_path / "a" / "train") == tree_bytes(tmp_path / "c" / "train")
 
 
 @pytest.mark.parametrize("foreign", ["folder", "file"])
@@ -223,10 +208,10 @@ def test_refuses_a_foreign_dense_folder(tmp_path, foreign):
         (path / "notes.txt").write_text("mine")
     else:
         path.write_text("mine")
-    before = _tree_bytes(path) if foreign == "folder" else path.read_bytes()
+    before = tree_bytes(path) if foreign == "folder" else path.read_bytes()
     with pytest.raises(ShapesRootError, match="val_dense exists and was not written by largebatch"):
         generate_shapes_dense_split(tmp_path, "val", 4)
-    assert (_tree_bytes(path) if foreign == "folder" else path.read_bytes()) == before
+    assert (tree_bytes(path) if foreign == "folder" else path.read_bytes()) == before
     assert sorted(os.listdir(tmp_path)) == ["val", "val_dense"]
 
 
@@ -254,7 +239,7 @@ def test_concurrent_generation(tmp_path):
     assert all(status == "ok" for status, _ in results), results
     assert sorted(os.listdir(root)) == ["val", "val_dense"]
     reference = generate_shapes_dense_split(tmp_path / "ref", "val", 12)
-    assert _tree_bytes(results[0][1]["dense_root"]) == _tree_bytes(reference["dense_root"])
+    assert tree_bytes(results[0][1]["dense_root"]) == tree_bytes(reference["dense_root"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +267,7 @@ def dropping_root(tmp_path_factory):
     return root
 
 
-def test_register_and_load(tmp_path, dropping_root, clean_registry):
+def test_register_andread_json(tmp_path, dropping_root, clean_registry):
     DatasetCatalog, MetadataCatalog = clean_registry
     paths = register_shapes_dense(dropping_root, num_train=4, num_val=16)
     assert set(SHAPES_DENSE_DATASETS) <= set(DatasetCatalog.list())
@@ -290,8 +275,8 @@ def test_register_and_load(tmp_path, dropping_root, clean_registry):
     assert register_shapes_dense(dropping_root, num_train=4, num_val=16) == paths  # idempotent: a no-op
     assert DatasetCatalog.data["shapes_sem_seg_val"] is loader
     p = paths["val"]
-    coco = _load(p["json_file"])
-    panoptic = {a["image_id"]: a for a in _load(p["panoptic_json"])["annotations"]}
+    coco = read_json(p["json_file"])
+    panoptic = {a["image_id"]: a for a in read_json(p["panoptic_json"])["annotations"]}
 
     meta = MetadataCatalog.get("shapes_sem_seg_val")
     assert meta.stuff_classes == ["background", "circle", "square", "triangle"] and meta.ignore_label == 255
@@ -373,7 +358,7 @@ def test_panoptic_evaluator_on_ground_truth(dropping_root, clean_registry):
     paths = register_shapes_dense(dropping_root, num_train=4, num_val=16)
     name = "shapes_panoptic_val_separated"
     meta = MetadataCatalog.get(name)
-    panoptic = {a["image_id"]: a for a in _load(paths["val"]["panoptic_json"])["annotations"]}
+    panoptic = {a["image_id"]: a for a in read_json(paths["val"]["panoptic_json"])["annotations"]}
     evaluator = COCOPanopticEvaluator(name, output_dir=None)
     evaluator.reset()
     for d in DatasetCatalog.get(name):

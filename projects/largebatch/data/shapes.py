@@ -311,10 +311,15 @@ def _write_split(out_dir, split, num_images, image_size, seed):
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(SHAPES_CLASSES)],
     }
-    json_file = os.path.join(out_dir, f"instances_{split}.json")
+    write_json_last(os.path.join(out_dir, f"instances_{split}.json"), coco)
+
+
+def write_json_last(json_file, data):
+    """Write a split's json, its completion marker, compact and whole (a temporary name, then renamed): the last
+    file of a split that the writer writes."""
     tmp_json = json_file + ".tmp"
     with open(tmp_json, "w") as f:
-        json.dump(coco, f, separators=(",", ":"))
+        json.dump(data, f, separators=(",", ":"))
     os.replace(tmp_json, json_file)
 
 
@@ -573,25 +578,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     root = default_shapes_root() if args.root is None else args.root
     t0 = time.perf_counter()
-    paths = prepare_shapes(
-        root,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        seed=args.seed,
-        force=args.force,
-    )
+    options = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed,
+                   force=args.force)
+    paths = prepare_shapes(root, **options)
     if args.dense:
         from .shapes_dense import prepare_shapes_dense  # imports this module: not at the top
 
-        dense = prepare_shapes_dense(
-            root,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            image_size=args.image_size,
-            seed=args.seed,
-            force=args.force,
-        )
+        dense = prepare_shapes_dense(root, **options)
     dt = time.perf_counter() - t0
     print(_summary(paths))
     if args.dense:

@@ -57,6 +57,7 @@ from .shapes import (
     default_shapes_root,
     generate_shapes_split,
     render_shapes_image,
+    write_json_last,
 )
 
 __all__ = [
@@ -214,11 +215,7 @@ def _write_dense(out_dir, split, num_images, image_size, seed):
         "annotations": annotations,
         "categories": PANOPTIC_CATEGORIES,
     }
-    json_file = os.path.join(out_dir, f"panoptic_{split}.json")
-    tmp_json = json_file + ".tmp"
-    with open(tmp_json, "w") as f:
-        json.dump(coco, f, separators=(",", ":"))
-    os.replace(tmp_json, json_file)
+    write_json_last(os.path.join(out_dir, f"panoptic_{split}.json"), coco)
 
 
 def _is_valid_dense(dense_root, split, marker):
