@@ -120,7 +120,8 @@ def test_regenerates_stale_or_broken(tmp_path):
     generate_shapes_split(tmp_path, "val", 12)
     assert os.path.exists(os.path.join(p["image_root"], "000005.jpg"))
     info = read_json(p["json_file"])["info"]["largebatch_shapes"]
-    info_force = read_json(generate_shapes_split(tmp_path, "val", 12, force=True)["json_file"])["info"]["largebatch_shapes"]
+    forced = generate_shapes_split(tmp_path, "val", 12, force=True)["json_file"]
+    info_force = read_json(forced)["info"]["largebatch_shapes"]
     assert info == info_force
     assert sorted(os.listdir(tmp_path)) == ["val"]
 
