@@ -220,3 +220,33 @@ def test_lazy_recipes_resolve_to_their_papers_rules(name):
     assert isinstance(built, AGVM) == agvm
     assert {g["module"] for g in built.param_groups} == PARTS
     assert all(g["lr"] == pytest.approx(lr) for g in built.param_groups if g["module"] != "other")
+
+
+def test_the_vitdet_recipe_decays_the_lr_by_layer_on_detectron2_main():
+    """AdamW + AGVM over ViTDet with its layer-wise LR decay (0.7 over 12 blocks): on detectron2 main the backbone's
+    groups take 0.7^k of the LR (k = 1 for the last block ... 13 for the patch / position embeddings), the other parts
+    the LR; on v0.6 the recipe refuses to load, in one line."""
+    from detectron2.solver.build import get_default_optimizer_params
+
+    from largebatch.config import ConfigError
+    from largebatch.lazy import build_lazy_model, build_lazy_optimizer, load_lazy_config
+    from largebatch.optim import AGVM
+
+    path = os.path.join(REPO, "configs", "lazy", "agvm_adamw_vitdet_b_100ep_b1024.py")
+    if "lr_factor_func" not in inspect.signature(get_default_optimizer_params).parameters:
+        with pytest.raises(ConfigError, match="ImportError: this recipe needs detectron2 main"):
+            load_lazy_config(path, [], 128)
+        pytest.skip("detectron2 v0.6 has no ViT, SimpleFeaturePyramid or layer-wise LR decay (refused: checked)")
+    lazy, cfg = load_lazy_config(path, [], 128)
+    lr = 1e-4 * 128 / 64 * (1024 / 128) ** 0.5  # AGVM's rule from ViTDet's 1e-4 at batch 64
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.BASE_LR == pytest.approx(lr) and cfg.SOLVER.AGVM.ENABLED
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    built = build_lazy_optimizer(lazy, cfg, build_lazy_model(lazy, cpu, for_training=False))
+    assert isinstance(built, AGVM)
+    factors = {}
+    for g in built.param_groups:
+        factors.setdefault(g["module"], set()).add(round(g["lr"] / lr, 6))
+    assert factors.pop("backbone") == {round(0.7 ** k, 6) for k in range(1, 14)}
+    assert factors == {part: {1.0} for part in PARTS - {"backbone"}}  # the SimpleFeaturePyramid is the "fpn"

@@ -17,8 +17,9 @@ fi
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] using the detectron2 already installed: $("$PY" -c 'import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))')"
   # what largebatch itself needs beyond detectron2's own requirements (pytest, ruff: `make test`, `make lint`)
-  # setuptools<81: detectron2.model_zoo (model_zoo:// bases, LazyConfig recipes) imports pkg_resources
-  pip_install pycocotools matplotlib tensorboard pytest "ruff==0.17.6" shapely "setuptools<81"
+  # setuptools<81: detectron2.model_zoo (model_zoo:// bases, LazyConfig recipes) imports pkg_resources; timm: the
+  # ViT of detectron2 main (configs/lazy/agvm_adamw_vitdet_*.py)
+  pip_install pycocotools matplotlib tensorboard pytest "ruff==0.17.6" shapely "setuptools<81" timm
 else
   echo "[setup] no detectron2 importable: installing pb1-detectron2==0.6 (detectron2 v0.6 Python sources)"
   # the pins v0.6 needs: np.bool (numpy<1.24), Image.LINEAR (Pillow<10), fvcore/iopath versions from its setup.py

@@ -285,7 +285,8 @@ def _apply_lr_scaling(lazy, cfg) -> Optional[str]:
     old = float(base.lr)
     base.lr = old * factor
     params = base.get("params")
-    if isinstance(params, DictConfig) and params.get("base_lr") is not None:
+    if isinstance(params, DictConfig) and params.get("base_lr") is not None and \
+            not OmegaConf.is_interpolation(params, "base_lr"):  # "${..lr}" follows the LR scaled above
         params.base_lr = float(params.base_lr) * factor
     cfg.SOLVER.BASE_LR = base.lr
     cfg.SOLVER.LR_SCALING.RULE = "none"

@@ -17,11 +17,13 @@ import torch
 #: monitor and the plots all take it from here). "other" is whatever no rule matches.
 DETECTOR_PARTS: Tuple[str, ...] = ("backbone", "fpn", "rpn", "box_head", "mask_head", "head", "sem_seg_head", "other")
 
-# Parameter-name rules for detectron2's meta-architectures (GeneralizedRCNN, RetinaNet, PanopticFPN),
+# Parameter-name rules for detectron2's meta-architectures (GeneralizedRCNN, RetinaNet, SemanticSegmentor,
+# PanopticFPN; ResNet-FPN and ViTDet backbones),
 # tried in order, the first match wins. Names are those of the bare model ("module." of DDP is stripped).
 DEFAULT_PARTITION: Tuple[Tuple[str, str], ...] = (
     ("backbone", r"^backbone\.bottom_up\."),  # the ResNet inside an FPN backbone
     ("fpn", r"^backbone\.(fpn_|top_block\.)"),  # lateral/output convs and P6/P7
+    ("fpn", r"^backbone\.simfp_"),  # ViTDet's SimpleFeaturePyramid (detectron2 main): its pyramid over the ViT
     ("backbone", r"^backbone\."),  # a backbone without FPN (e.g. C4)
     ("rpn", r"^proposal_generator\."),
     ("box_head", r"^roi_heads\.(box_head|box_predictor|res5)"),  # incl. cascade stages and C4's res5
