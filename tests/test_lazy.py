@@ -250,3 +250,27 @@ def test_the_vitdet_recipe_decays_the_lr_by_layer_on_detectron2_main():
         factors.setdefault(g["module"], set()).add(round(g["lr"] / lr, 6))
     assert factors.pop("backbone") == {round(0.7 ** k, 6) for k in range(1, 14)}
     assert factors == {part: {1.0} for part in PARTS - {"backbone"}}  # the SimpleFeaturePyramid is the "fpn"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_a_lazy_config_run_and_resume_continues(tmp_path):
+    """Preemption as for a YAML config: SIGTERM to the launcher, every worker checkpoints and exits with 75, and
+    --resume continues from the next iteration."""
+    import signal
+    import sys
+
+    from test_resume import start_and_wait_for_iteration
+
+    common = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file", LAZY_SHAPES,
+              "dataloader.train.total_batch_size=4", "train.checkpointer.period=1000", "largebatch.monitor.period=1",
+              f"train.output_dir={tmp_path}"]
+    proc = start_and_wait_for_iteration([sys.executable, *common, "train.max_iter=500"], tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, log[-3000:]
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    iteration = torch.load(tmp_path / last, map_location="cpu", weights_only=False)["iteration"]
+    assert 2 <= iteration < 499
+    resumed = run_python("train_net.py", "--resume", *common[1:], f"train.max_iter={iteration + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Starting training from iteration {iteration + 1}" in resumed.stdout + resumed.stderr
