@@ -227,7 +227,7 @@ def test_concurrent_generation(tmp_path):
     """Writers racing for the same labels: the first wins, the others use its folder."""
     root = tmp_path / "shapes"
     generate_shapes_split(root, "val", 12)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: a fork of the threaded test process can deadlock
     barrier, queue = ctx.Barrier(3), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(str(root), barrier, queue)) for _ in range(3)]
     for proc in procs:
@@ -267,7 +267,7 @@ def dropping_root(tmp_path_factory):
     return root
 
 
-def test_register_andread_json(tmp_path, dropping_root, clean_registry):
+def test_register_and_load(tmp_path, dropping_root, clean_registry):
     DatasetCatalog, MetadataCatalog = clean_registry
     paths = register_shapes_dense(dropping_root, num_train=4, num_val=16)
     assert set(SHAPES_DENSE_DATASETS) <= set(DatasetCatalog.list())
@@ -353,13 +353,14 @@ def test_panoptic_evaluator_on_ground_truth(dropping_root, clean_registry):
     pytest.importorskip("panopticapi")
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.evaluation import COCOPanopticEvaluator
+
+    from largebatch.engine.trainer import PanopticEvaluator
 
     paths = register_shapes_dense(dropping_root, num_train=4, num_val=16)
     name = "shapes_panoptic_val_separated"
     meta = MetadataCatalog.get(name)
     panoptic = {a["image_id"]: a for a in read_json(paths["val"]["panoptic_json"])["annotations"]}
-    evaluator = COCOPanopticEvaluator(name, output_dir=None)
+    evaluator = PanopticEvaluator(name, output_dir=None)  # detectron2's, its PQ workers spawned
     evaluator.reset()
     for d in DatasetCatalog.get(name):
         pan = panoptic[d["image_id"]]

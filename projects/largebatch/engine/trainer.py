@@ -8,6 +8,7 @@ SyncBN (``norm.py``), the optimizer is ``build_optimizer``'s (``optim/``), the i
 import importlib.util
 import inspect
 import logging
+import multiprocessing
 import os
 import weakref
 
@@ -38,6 +39,21 @@ from .stepper import LargeBatchStepper
 __all__ = ["LargeBatchTrainer", "LargeBatchStepper"]
 
 logger = logging.getLogger("largebatch")
+
+
+class PanopticEvaluator(COCOPanopticEvaluator):
+    """detectron2's COCOPanopticEvaluator, whose PQ computation (panopticapi's pq_compute, a multiprocessing.Pool of
+    one worker per core) starts its workers with "spawn" instead of Linux's default "fork": a fork of this process,
+    which runs torch's and the data loaders' threads, can leave a child waiting forever on a lock one of them held
+    (seen: a test hung in pq_compute). Only the main process computes PQ; nothing else starts processes then."""
+
+    def evaluate(self):
+        previous = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method("spawn", force=True)
+        try:
+            return super().evaluate()
+        finally:
+            multiprocessing.set_start_method(previous, force=True)
 
 
 class LargeBatchTrainer(DefaultTrainer):
@@ -152,7 +168,7 @@ class LargeBatchTrainer(DefaultTrainer):
                                "panopticapi-lite==0.2.0, as tools/setup_env.sh does); evaluated with box / mask AP "
                                "and the stuff's mIoU only", dataset_name)
             else:
-                evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+                evaluators.append(PanopticEvaluator(dataset_name, output_folder))
         if not evaluators:
             raise NotImplementedError(f"{dataset_name}: no evaluator for its evaluator_type {kind!r} (largebatch "
                                       "evaluates coco, sem_seg and coco_panoptic_seg datasets)")
