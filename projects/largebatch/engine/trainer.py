@@ -41,6 +41,23 @@ __all__ = ["LargeBatchTrainer", "LargeBatchStepper"]
 logger = logging.getLogger("largebatch")
 
 
+def apply_sync_bn(cfg, model, for_training=True):
+    """MODEL.SYNC_BN on a built model, over the parts MODEL.SYNC_BN.PARTS names (all when empty);
+    ``for_training=False`` for evaluation, on any number of workers (see ``build_sync_bn_from_cfg``)."""
+    partition = ModulePartition(cfg.MODEL.MODULE_PARTITION)
+    parts = set(cfg.MODEL.SYNC_BN.PARTS)
+    include = (lambda name: partition(name + ".weight") in parts) if parts else None
+    return build_sync_bn_from_cfg(cfg, model, include=include, for_training=for_training)
+
+
+def broadcast_main_buffers(model):
+    """Every worker takes the main process's buffers (BN statistics) before an evaluation: they are what the
+    checkpoint holds (DDP does not broadcast buffers, and plain or group-synced BN differs between workers)."""
+    if comm.get_world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 class PanopticEvaluator(COCOPanopticEvaluator):
     """detectron2's COCOPanopticEvaluator, whose PQ computation (panopticapi's pq_compute, a multiprocessing.Pool of
     one worker per core) starts its workers with "spawn" instead of Linux's default "fork": a fork of this process,
@@ -110,11 +127,7 @@ class LargeBatchTrainer(DefaultTrainer):
     def build_model(cls, cfg, for_training=True):
         """detectron2's model with MODEL.SYNC_BN applied; ``for_training=False`` for evaluation, which works on
         any number of workers (see ``build_sync_bn_from_cfg``)."""
-        model = super().build_model(cfg)
-        partition = ModulePartition(cfg.MODEL.MODULE_PARTITION)
-        parts = set(cfg.MODEL.SYNC_BN.PARTS)
-        include = (lambda name: partition(name + ".weight") in parts) if parts else None
-        return build_sync_bn_from_cfg(cfg, model, include=include, for_training=for_training)
+        return apply_sync_bn(cfg, super().build_model(cfg), for_training)
 
     @staticmethod
     def wrap_model(cfg, model):
@@ -143,9 +156,7 @@ class LargeBatchTrainer(DefaultTrainer):
         """Evaluate with the main process's BN statistics on every worker: they are what the checkpoint
         holds (DDP does not broadcast buffers, and plain or group-synced BN differs between workers), so
         --eval-only of a checkpoint reproduces the AP reported during training."""
-        if comm.get_world_size() > 1:
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        broadcast_main_buffers(model)
         return super().test(cfg, model, evaluators)
 
     @classmethod

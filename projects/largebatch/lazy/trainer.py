@@ -17,9 +17,8 @@ from omegaconf import OmegaConf
 
 from ..collect_env import detectron2_compiled_ops
 from ..data.resumable import ResumableTrainLoader
-from ..engine.trainer import LargeBatchTrainer
-from ..norm import build_sync_bn_from_cfg
-from ..optim.groups import ModulePartition
+from ..engine.trainer import LargeBatchTrainer, apply_sync_bn, broadcast_main_buffers
+from ..optim.build import describe_param_groups
 from .config import _AGVM, _target, base_optimizer_node
 
 __all__ = ["LazyLargeBatchTrainer", "build_lazy_model", "build_lazy_optimizer", "lazy_test"]
@@ -34,10 +33,7 @@ def build_lazy_model(lazy, cfg, for_training: bool = True) -> torch.nn.Module:
     evaluation, on any number of workers)."""
     model = instantiate(lazy.model)
     model.to(torch.device(cfg.MODEL.DEVICE))
-    partition = ModulePartition(cfg.MODEL.MODULE_PARTITION)
-    parts = set(cfg.MODEL.SYNC_BN.PARTS)
-    include = (lambda name: partition(name + ".weight") in parts) if parts else None
-    return build_sync_bn_from_cfg(cfg, model, include=include, for_training=for_training)
+    return apply_sync_bn(cfg, model, for_training)
 
 
 def build_lazy_optimizer(lazy, cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -68,9 +64,7 @@ def build_lazy_optimizer(lazy, cfg, model: torch.nn.Module) -> torch.optim.Optim
         raise ValueError("optimizer.params: the param groups carry no detector part ('module'): build them with "
                          "largebatch.lazy.get_part_params (or detectron2's get_default_optimizer_params, which it "
                          "replaces)")
-    summary = ", ".join(f"{g['module']}(lr={g['lr']:g}, wd={g.get('weight_decay', 0):g}, adapt={g.get('adapt')}, "
-                        f"n={len(g['params'])})" for g in groups)
-    logger.info(f"Optimizer {type(optimizer).__name__} with {len(groups)} groups: {summary}")
+    logger.info(describe_param_groups(optimizer))
     return optimizer
 
 
@@ -81,9 +75,7 @@ def lazy_test(lazy, model):
     detectron2's compiled ops are installed (as LargeBatchTrainer.build_evaluator)."""
     if "test" not in lazy.dataloader or "evaluator" not in lazy.dataloader:
         return {}
-    if comm.get_world_size() > 1:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+    broadcast_main_buffers(model)
     evaluator = copy.deepcopy(lazy.dataloader.evaluator)
     if _target(evaluator).endswith("COCOEvaluator") and evaluator.get("use_fast_impl") is None:
         # detectron2's fast COCO evaluation is a compiled op; without it (Python-only detectron2) pycocotools'

@@ -80,6 +80,15 @@ def build_param_groups_from_cfg(cfg, model):
     )
 
 
+def describe_param_groups(optimizer) -> str:
+    """One log line: the optimizer and its part-aware groups (part, LR, weight decay, trust-ratio adaptation, size)."""
+    summary = ", ".join(
+        f"{g['module']}(lr={g['lr']:g}, wd={g['weight_decay']:g}, adapt={g['adapt']}, n={len(g['params'])})"
+        for g in optimizer.param_groups
+    )
+    return f"Optimizer {type(optimizer).__name__} with {len(optimizer.param_groups)} groups: {summary}"
+
+
 def agvm_start_iter(cfg) -> int:
     """SOLVER.AGVM.START_ITER, where -1 means the end of the warm-up."""
     start = cfg.SOLVER.AGVM.START_ITER
@@ -99,11 +108,7 @@ def build_optimizer(cfg, model, wrap=None) -> torch.optim.Optimizer:
         optimizer = compile_step(optimizer)  # before the wrappers: they stay eager around the compiled update
     if wrap is not None:
         optimizer = wrap(optimizer)
-    summary = ", ".join(
-        f"{g['module']}(lr={g['lr']:g}, wd={g['weight_decay']:g}, adapt={g['adapt']}, n={len(g['params'])})"
-        for g in optimizer.param_groups
-    )
-    logger.info(f"Optimizer {type(optimizer).__name__} with {len(optimizer.param_groups)} groups: {summary}")
+    logger.info(describe_param_groups(optimizer))
     a = cfg.SOLVER.AGVM
     if a.ENABLED:
         optimizer = AGVM(
